@@ -1,0 +1,5 @@
+import sys
+
+from tenfold.cli import main
+
+sys.exit(main())

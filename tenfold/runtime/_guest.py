@@ -1,0 +1,111 @@
+"""The half of the runtime that runs *inside* each interpreter.
+
+`start` installs one ctypes callback and writes its address where the host asked. The host calls that
+address with a `Call`; the callback takes this interpreter's own GIL, runs the function and leaves the
+pickled result in memory this interpreter owns until the host sends OP_RELEASE.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import pickle
+import traceback
+from typing import Any
+
+from . import _wire
+
+_HANDLER = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)
+
+_state: dict[str, Any] = {}
+
+
+class RemoteFailure:
+    """An exception raised in the interpreter, reduced to what can always cross back."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.type_name = f"{type(exc).__module__}.{type(exc).__qualname__}".removeprefix("builtins.")
+        self.message = str(exc)
+        self.traceback = "".join(traceback.format_exception(exc))
+        try:
+            self.exception = pickle.loads(pickle.dumps(exc))
+        except Exception:
+            self.exception = None
+
+
+_blocks: dict[int, _wire.RemoteBlock] = {}
+
+
+def _handle(addr: int) -> int:
+    w = _wire
+    block = _blocks.get(addr)
+    if block is None:
+        block = _blocks[addr] = w.RemoteBlock(addr)
+    slots = block.slots
+    _state.pop("keep", None)
+    if slots[w.OP] == w.OP_RELEASE:
+        return 0
+    status = w.STATUS_OK
+    try:
+        size = slots[w.PAYLOAD_SIZE]
+        if slots[w.PAYLOAD]:
+            payload: Any = ctypes.string_at(slots[w.PAYLOAD], size)
+        else:
+            payload = block.request[:size]
+        nbuffers = slots[w.NBUFFERS]
+        buffers = w.view_buffers(slots[w.BUFFERS], nbuffers) if nbuffers else ()
+        fn, args, kwargs = w.unpack(pickle.loads(payload, buffers=buffers))
+        del payload, buffers
+        result: Any = fn(*args, **kwargs)
+        del fn, args, kwargs
+    except BaseException as exc:  # noqa: BLE001 - everything goes back to the caller's Future
+        result, status = RemoteFailure(exc), w.STATUS_ERROR
+    encoder = _state["encoder"]
+    try:
+        data, pbufs = encoder.dumps(result)
+    except BaseException as exc:  # noqa: BLE001
+        err = TypeError(f"the result of type {type(result).__name__} cannot be sent back: {exc}")
+        data, pbufs = encoder.dumps(RemoteFailure(err))
+        status = w.STATUS_ERROR
+    del result
+    size = len(data)
+    if pbufs:
+        descs, views = w.describe(pbufs, _state["address"])
+        _state["keep"] = (data, descs, views, pbufs)
+        slots[w.RESULT_BUFFERS] = ctypes.addressof(descs)
+        slots[w.NRESULT_BUFFERS] = len(views)
+    else:
+        slots[w.NRESULT_BUFFERS] = 0
+    if size <= w.WINDOW_BYTES:
+        block.response[:size] = data
+        slots[w.RESULT] = 0
+    else:
+        _state["keep"] = (data, _state.get("keep"))
+        slots[w.RESULT] = w.bytes_address(data)
+    slots[w.STATUS] = status
+    slots[w.RESULT_SIZE] = size
+    return 0
+
+
+def start(handler_slot: int, libpython: str) -> None:
+    """Install the call handler and write its address to `handler_slot` (host memory)."""
+    _state["encoder"] = _wire.Encoder()
+    _state["address"] = _wire.BufferAddresses(ctypes.PyDLL(libpython))
+    _state["handler"] = _HANDLER(_handle)
+    ctypes.c_void_p.from_address(handler_slot).value = ctypes.cast(_state["handler"], ctypes.c_void_p).value
+
+
+def configure(path: list[str], threads: int) -> None:
+    """Per-pool settings: the pool's sys.path and this interpreter's intra-op thread budget.
+
+    Pitfall 6: each interpreter has its own OpenMP runtime; its pool size is read from the environment
+    when torch is first imported here, so the budget is set before that, and on torch if already there.
+    """
+    import os
+    import sys
+
+    sys.path[:] = path
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[name] = str(threads)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(threads)

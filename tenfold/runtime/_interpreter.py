@@ -1,0 +1,217 @@
+"""One interpreter and the one thread that owns it for life.
+
+Both backends expose the same small surface to the pool: `post(job)` runs `job()` on the owner thread;
+`call(fn, args, kwargs)` (owner thread only) runs `fn` in the interpreter and returns its result.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import queue
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+from . import _glibc, _wire
+from ._guest import RemoteFailure
+from .errors import InterpreterStartError, RemoteError
+
+_ERR_SIZE = 1 << 16
+
+
+def _raise_remote(failure: RemoteFailure) -> None:
+    raise RemoteError(failure.type_name, failure.message, failure.traceback, failure.exception)
+
+
+class _OwnedThread:
+    """A thread that runs posted jobs in order, started by the subclass's `_boot`."""
+
+    daemon_forever = False
+
+    def __init__(self, name: str) -> None:
+        self._inbox: queue.SimpleQueue[Callable[[], Any] | None] = queue.SimpleQueue()
+        self._ready = threading.Event()
+        self.start_error: BaseException | None = None
+        self.start_seconds = 0.0
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+
+    def post(self, job: Callable[[], Any] | None) -> None:
+        self._inbox.put(job)
+
+    def wait_ready(self) -> None:
+        self._ready.wait()
+        if self.start_error is not None:
+            raise self.start_error
+
+    @property
+    def ident(self) -> int | None:
+        return self.thread.ident
+
+    def _run(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            self._boot()
+        except BaseException as exc:  # noqa: BLE001 - reported through wait_ready
+            self.start_error = exc
+        self.start_seconds = time.perf_counter() - t0
+        self._ready.set()
+        while True:
+            job = self._inbox.get()
+            if job is None:
+                if self.daemon_forever:
+                    continue  # pitfall 5: a thread that entered a namespace never exits
+                return
+            try:
+                job()
+            except BaseException:  # noqa: BLE001 - jobs report their own errors; the thread must live on
+                pass
+            del job
+
+    def _boot(self) -> None:
+        pass
+
+
+class ThreadInterpreter(_OwnedThread):
+    """The `threads` backend: a thread of the host interpreter (shares its GIL)."""
+
+    backend = "threads"
+
+    def call(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        return fn(*args, **kwargs)
+
+    def stop(self) -> None:
+        self.post(None)
+
+
+class NamespaceInterpreter(_OwnedThread):
+    """A full CPython loaded with dlmopen into its own link-map namespace."""
+
+    backend = "namespaces"
+    daemon_forever = True
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.namespace: _glibc.Namespace | None = None
+        super().__init__(f"tenfold-interpreter-{index}")
+
+    def _boot(self) -> None:
+        ns = self.namespace = _glibc.Namespace()
+        ns.enter_thread()
+        # No automatic site: the interpreter would pick its site-packages from whatever `python3` is on
+        # PATH. The bootstrap processes the host's own site directories instead (editable installs
+        # add import hooks there, not path entries), then takes the host's sys.path.
+        ctypes.c_int.from_address(ns.address("Py_NoSiteFlag")).value = 1
+        ns.sym("Py_InitializeEx", None, (ctypes.c_int,))(0)  # 0: install no signal handlers
+        ns.sym("PyEval_SaveThread", ctypes.c_void_p)()  # release this interpreter's GIL
+        self._gil_ensure = ns.sym("PyGILState_Ensure", ctypes.c_int)
+        self._gil_release = ns.sym("PyGILState_Release", None, (ctypes.c_int,))
+        self._run_string = ns.sym("PyRun_SimpleString", ctypes.c_int, (ctypes.c_char_p,))
+        slot = ctypes.c_void_p(0)
+        err = ctypes.create_string_buffer(_ERR_SIZE)
+        code = _BOOTSTRAP.format(
+            path=list(sys.path),
+            sites=_site_dirs(),
+            prefix=(sys.prefix, sys.exec_prefix),
+            executable=sys.executable,
+            environ=dict(os.environ),
+            slot=ctypes.addressof(slot),
+            err=ctypes.addressof(err),
+            errsize=_ERR_SIZE - 1,
+            libpython=_glibc.libpython_path(),
+        )
+        self._exec(code)
+        if not slot.value:
+            raise InterpreterStartError(f"interpreter {self.index} failed to start:\n{err.value.decode(errors='replace')}")
+        self._handler = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)(slot.value)
+        self._block = _wire.CallBlock()
+        self._address = _wire.BufferAddresses(ctypes.pythonapi)
+        self._encoder = _wire.Encoder()
+
+    def _exec(self, code: str) -> None:
+        g = self._gil_ensure()
+        try:
+            self._run_string(code.encode())
+        finally:
+            self._gil_release(g)
+
+    def call(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        w, block = _wire, self._block
+        slots = block.slots
+        data, pbufs = self._encoder.dumps(w.request(fn, args, kwargs))
+        size = len(data)
+        slots[w.OP] = w.OP_CALL
+        slots[w.PAYLOAD_SIZE] = size
+        if size <= w.WINDOW_BYTES:
+            block.request[:size] = data
+            slots[w.PAYLOAD] = 0
+        else:
+            slots[w.PAYLOAD] = w.bytes_address(data)
+        if pbufs:
+            descs, views = w.describe(pbufs, self._address)
+            slots[w.BUFFERS] = ctypes.addressof(descs)
+            slots[w.NBUFFERS] = len(views)
+        else:
+            slots[w.NBUFFERS] = 0
+        self._handler(block.address)
+        status = slots[w.STATUS]
+        size = slots[w.RESULT_SIZE]
+        result = block.response[:size] if not slots[w.RESULT] else ctypes.string_at(slots[w.RESULT], size)
+        if slots[w.NRESULT_BUFFERS]:
+            try:
+                rbufs = w.copy_buffers(slots[w.RESULT_BUFFERS], slots[w.NRESULT_BUFFERS])
+            finally:  # the interpreter holds the result's buffers until told they were copied
+                slots[w.OP] = w.OP_RELEASE
+                self._handler(block.address)
+        else:
+            rbufs = []
+        del data, pbufs
+        try:
+            obj = _wire.loads(result, rbufs)
+            del result
+        except Exception as exc:
+            raise RemoteError(
+                type(exc).__name__, f"the result could not be unpickled in the caller: {exc}", ""
+            ) from exc
+        if status == _wire.STATUS_ERROR:
+            _raise_remote(obj)
+        return obj
+
+    def stop(self) -> None:
+        """Nothing: a namespace interpreter is parked, never stopped (see the pool)."""
+
+
+def _site_dirs() -> list[str]:
+    import site
+
+    dirs = list(site.getsitepackages()) if hasattr(site, "getsitepackages") else []
+    if site.ENABLE_USER_SITE and site.getusersitepackages():
+        dirs.append(site.getusersitepackages())
+    return [d for d in dirs if os.path.isdir(d)]
+
+
+# Runs in the fresh interpreter. Pitfall 2: torch asks ctypes for RTLD_GLOBAL, which crashes glibc
+# inside a non-base namespace, so the flag is neutralised before anything is imported.
+_BOOTSTRAP = """\
+import ctypes, os, sys
+ctypes.RTLD_GLOBAL = os.RTLD_GLOBAL = 0
+try:
+    import site
+    for _d in {sites!r}:
+        site.addsitedir(_d)
+    sys.path[:] = {path!r}
+    sys.prefix, sys.exec_prefix = {prefix!r}
+    sys.executable = {executable!r}
+    sys.argv = [""]
+    for _k, _v in {environ!r}.items():
+        if os.environ.get(_k) != _v:
+            os.environ[_k] = _v
+    import tenfold.runtime._guest as _tenfold_guest
+    _tenfold_guest.start({slot}, {libpython!r})
+except BaseException:
+    import traceback as _tb
+    _msg = _tb.format_exc().encode()[:{errsize}]
+    ctypes.memmove({err}, _msg, len(_msg))
+"""

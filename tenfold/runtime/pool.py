@@ -1,0 +1,301 @@
+"""InterpreterPool: a concurrent.futures.Executor over N interpreters of one process."""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import os
+import sys
+import threading
+import time
+import warnings
+import weakref
+from concurrent.futures import Executor, Future
+from typing import Any, Callable, Literal
+
+from . import _glibc, _guest
+from ._interpreter import NamespaceInterpreter, ThreadInterpreter
+from .errors import BrokenInterpreterPool, InterpreterStartError, PlatformNotSupported
+from .stats import BusyMeter, InterpreterStats, PoolStats
+
+Backend = Literal["auto", "namespaces", "threads"]
+
+# Interpreters outlive pools: glibc cannot safely unload a namespace that has run Python, so a pool's
+# shutdown parks its interpreters here and the next pool takes them before starting new ones.
+_registry_lock = threading.Lock()
+_parked: list[NamespaceInterpreter] = []
+_alive = 0
+_live_pools: weakref.WeakSet[InterpreterPool] = weakref.WeakSet()
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def resolve_backend(backend: str) -> str:
+    """'auto' -> 'namespaces' where the platform can host them, else 'threads' (with a warning)."""
+    if backend not in ("auto", "namespaces", "threads"):
+        raise ValueError(f"backend must be 'auto', 'namespaces' or 'threads', not {backend!r}")
+    if backend != "auto":
+        return backend
+    try:
+        _glibc.check_platform()
+    except PlatformNotSupported as exc:
+        warnings.warn(f"tenfold falls back to the threads backend (GIL-bound): {exc}", RuntimeWarning, stacklevel=3)
+        return "threads"
+    return "namespaces"
+
+
+class _WorkItem:
+    __slots__ = ("future", "fn", "args", "kwargs")
+
+    def __init__(self, future: Future, fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
+        self.future, self.fn, self.args, self.kwargs = future, fn, args, kwargs
+
+
+class _Slot:
+    """A pool's hold on one interpreter: its queue and its figures."""
+
+    def __init__(self, index: int, interpreter: Any, window_s: float) -> None:
+        self.index = index
+        self.interpreter = interpreter
+        self.queue: collections.deque[_WorkItem] = collections.deque()
+        self.running = False
+        self.calls = 0
+        self.errors = 0
+        self.lost = False
+        self.meter = BusyMeter(window_s)
+        self.released = threading.Event()
+
+    @property
+    def pending(self) -> int:
+        return len(self.queue) + self.running
+
+
+class InterpreterPool(Executor):
+    """Runs calls in `size` interpreters of this process.
+
+    With the ``namespaces`` backend each interpreter is a full CPython (with its own GIL, modules and
+    torch) loaded into its own glibc link-map namespace, so calls run in parallel on several cores.
+    ``threads`` runs the same API over threads of the host interpreter (GIL-bound); ``auto`` picks
+    ``namespaces`` where the platform can host them.
+
+    `fn` travels by reference (module and qualified name), as with ProcessPoolExecutor; arguments and
+    results cross by pickle protocol 5, and the buffers of numpy arrays, pyarrow arrays and contiguous
+    CPU tensors are seen in place by the interpreter while the call lasts (no copy).
+    """
+
+    def __init__(
+        self,
+        size: int,
+        *,
+        backend: Backend = "auto",
+        threads_per_interpreter: int | None = None,
+        initializer: Callable[..., Any] | None = None,
+        initargs: tuple = (),
+        utilization_window_s: float = 10.0,
+    ) -> None:
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"size must be greater than 0, got {size!r}")
+        if threads_per_interpreter is not None and threads_per_interpreter < 1:
+            raise ValueError(f"threads_per_interpreter must be at least 1, got {threads_per_interpreter}")
+        if utilization_window_s <= 0:
+            raise ValueError("utilization_window_s must be greater than 0")
+        self.backend = resolve_backend(backend)
+        self.size = size
+        self.threads_per_interpreter = threads_per_interpreter or max(1, usable_cores() // size)
+        self._lock = threading.Lock()
+        self._shutdown = False
+        self._broken: str | None = None
+        self._next = 0
+        interpreters = self._acquire(size)
+        self._slots = [_Slot(i, it, utilization_window_s) for i, it in enumerate(interpreters)]
+        try:
+            self._prepare(initializer, initargs)
+        except BaseException:
+            self.shutdown(wait=True)
+            raise
+        _live_pools.add(self)
+        _register_atexit()
+
+    # -- start-up -----------------------------------------------------------------------------
+
+    def _acquire(self, size: int) -> list[Any]:
+        global _alive
+        if self.backend == "threads":
+            return [ThreadInterpreter(f"tenfold-thread-{i}") for i in range(size)]
+        _glibc.check_platform()
+        with _registry_lock:
+            reused = [_parked.pop() for _ in range(min(size, len(_parked)))]
+            new = size - len(reused)
+            try:
+                _glibc.check_capacity(new, _alive)
+            except ValueError:
+                _parked.extend(reused)
+                raise
+            _alive += new
+        started = [NamespaceInterpreter(index=_alive - new + i) for i in range(new)]
+        failures = []
+        for it in started:
+            try:
+                it.wait_ready()
+            except BaseException as exc:  # noqa: BLE001 - all are reported together
+                failures.append(exc)
+        if failures:
+            with _registry_lock:  # a failed interpreter is never reused, but its thread lives on
+                _parked.extend(reused + [it for it in started if it.start_error is None])
+            raise InterpreterStartError(f"{len(failures)} of {size} interpreter(s) failed to start") from failures[0]
+        return reused + started
+
+    def _prepare(self, initializer: Callable[..., Any] | None, initargs: tuple) -> None:
+        if self.backend == "namespaces":
+            self.broadcast(_guest.configure, list(sys.path), self.threads_per_interpreter)
+        if initializer is not None:
+            try:
+                self.broadcast(initializer, *initargs)
+            except Exception as exc:
+                raise BrokenInterpreterPool(f"the initializer {initializer!r} failed: {exc}") from exc
+
+    # -- Executor ------------------------------------------------------------------------------
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        """Schedule `fn(*args, **kwargs)` on an idle interpreter, else the one with the shortest queue."""
+        with self._lock:
+            self._check_open()
+            live = [s for s in self._slots if not s.lost]
+            if not live:
+                raise BrokenInterpreterPool("every interpreter of this pool was lost")
+            start = self._next = (self._next + 1) % len(live)
+            slot = min(live[start:] + live[:start], key=lambda s: s.pending)
+            return self._enqueue(slot, fn, args, kwargs)
+
+    def broadcast(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> list[Any]:
+        """Run `fn(*args, **kwargs)` once in every interpreter; results in interpreter order."""
+        with self._lock:
+            self._check_open()
+            futures = [self._enqueue(s, fn, args, kwargs) for s in self._slots if not s.lost]
+        return [f.result() for f in futures]
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop taking work; run (or with cancel_futures, cancel) what is queued; park the interpreters."""
+        with self._lock:
+            first = not self._shutdown
+            self._shutdown = True
+            if cancel_futures:
+                for slot in self._slots:
+                    while slot.queue:
+                        slot.queue.popleft().future.cancel()
+        if first:
+            for slot in self._slots:
+                slot.interpreter.post(lambda slot=slot: self._release(slot))
+        if wait:
+            for slot in self._slots:
+                slot.released.wait()
+
+    def stats(self) -> PoolStats:
+        """Per-interpreter calls, errors, busy seconds, queue depth and recent utilization."""
+        now = time.monotonic()
+        return PoolStats(
+            backend=self.backend,
+            interpreters=[
+                InterpreterStats(
+                    index=s.index,
+                    calls=s.calls,
+                    errors=s.errors,
+                    busy_s=s.meter.busy_s,
+                    queue_depth=s.pending,
+                    utilization=s.meter.utilization(now),
+                    lost=s.lost,
+                )
+                for s in self._slots
+            ],
+        )
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._broken:
+            raise BrokenInterpreterPool(self._broken)
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+
+    def _enqueue(self, slot: _Slot, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Future:
+        future: Future = Future()
+        slot.queue.append(_WorkItem(future, fn, args, kwargs))
+        slot.interpreter.post(lambda: self._run_next(slot))
+        return future
+
+    def _run_next(self, slot: _Slot) -> None:
+        with self._lock:
+            if not slot.queue:
+                return  # cancelled by shutdown(cancel_futures=True)
+            item = slot.queue.popleft()
+            slot.running = True
+        try:
+            if not item.future.set_running_or_notify_cancel():
+                return
+            meter = slot.meter
+            meter.begin(time.monotonic())
+            try:
+                result = slot.interpreter.call(item.fn, item.args, item.kwargs)
+            except BaseException as exc:  # noqa: BLE001 - it belongs to the caller's Future
+                meter.end(time.monotonic())
+                slot.calls += 1
+                slot.errors += 1
+                item.future.set_exception(exc)
+                del exc
+            else:
+                meter.end(time.monotonic())
+                slot.calls += 1
+                item.future.set_result(result)
+                del result
+        finally:
+            del item  # no reference to fn, its arguments or its result outlives the call
+            slot.running = False
+
+    def _release(self, slot: _Slot) -> None:
+        global _alive
+        it = slot.interpreter
+        if isinstance(it, NamespaceInterpreter):
+            with _registry_lock:
+                if slot.lost:
+                    pass  # a lost interpreter is never handed to another pool; it still counts as alive
+                else:
+                    _parked.append(it)
+        else:
+            it.stop()
+        slot.released.set()
+
+    def __repr__(self) -> str:
+        state = "shut down" if self._shutdown else "running"
+        return f"<InterpreterPool size={self.size} backend={self.backend!r} {state}>"
+
+
+def interpreters_alive() -> int:
+    """Namespace interpreters alive in this process (in pools or parked)."""
+    return _alive
+
+
+def interpreters_parked() -> int:
+    return len(_parked)
+
+
+_atexit_registered = False
+
+
+def _register_atexit() -> None:
+    global _atexit_registered
+    if not _atexit_registered:
+        _atexit_registered = True
+        atexit.register(_shutdown_all)
+
+
+def _shutdown_all() -> None:
+    # Drain every pool before the host finalises: a call still running in a namespace when the
+    # host's GIL goes away would make its owner thread exit (pitfall 5).
+    for pool in list(_live_pools):
+        pool.shutdown(wait=True)
