@@ -57,7 +57,7 @@ def _libc() -> ctypes.CDLL:
     return libc
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def libpython_path() -> str:
     """Path of the host's shared libpython; raises PlatformNotSupported where there is none."""
     with _loader_lock:  # sysconfig fills its cache lazily, and not thread-safely
@@ -128,10 +128,10 @@ def check_capacity(wanted: int, alive: int) -> None:
     reserved = reserved_static_tls()
     needed = (alive + wanted) * STATIC_TLS_PER_INTERPRETER
     if reserved < needed:
-        have = f"reserves {reserved} bytes" if reserved else "is not set"
+        have = f"reserves only {reserved} bytes of" if reserved else "does not reserve"
         raise ValueError(
-            f"GLIBC_TUNABLES {have} of optional static TLS, but {alive + wanted} interpreter(s) need "
-            f"{needed}. Set GLIBC_TUNABLES={RECOMMENDED_TUNABLES} in the environment *before* the "
+            f"GLIBC_TUNABLES {have} optional static TLS ({TUNABLE}), but {alive + wanted} interpreter(s) "
+            f"need {needed} bytes. Set GLIBC_TUNABLES={RECOMMENDED_TUNABLES} in the environment before the "
             "process starts (glibc reads it only at start-up): export it in the shell, pass it in Ray's "
             "runtime_env env_vars, or run through the `tenfold` command, which sets it and re-executes"
         )

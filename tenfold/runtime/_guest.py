@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import pickle
+import threading
 import traceback
 from typing import Any
 
@@ -22,14 +23,16 @@ _state: dict[str, Any] = {}
 class RemoteFailure:
     """An exception raised in the interpreter, reduced to what can always cross back."""
 
-    def __init__(self, exc: BaseException) -> None:
+    def __init__(self, exc: BaseException, *, copy: bool = True) -> None:
         self.type_name = f"{type(exc).__module__}.{type(exc).__qualname__}".removeprefix("builtins.")
         self.message = str(exc)
-        self.traceback = "".join(traceback.format_exception(exc))
-        try:
-            self.exception = pickle.loads(pickle.dumps(exc))
-        except Exception:
-            self.exception = None
+        self.traceback = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        self.exception: BaseException | None = exc
+        if copy:  # what crosses back must unpickle in the caller; an exception that cannot is dropped
+            try:
+                self.exception = pickle.loads(pickle.dumps(exc))
+            except Exception:
+                self.exception = None
 
 
 _blocks: dict[int, _wire.RemoteBlock] = {}
@@ -55,7 +58,16 @@ def _handle(addr: int) -> int:
         buffers = w.view_buffers(slots[w.BUFFERS], nbuffers) if nbuffers else ()
         fn, args, kwargs = w.unpack(pickle.loads(payload, buffers=buffers))
         del payload, buffers
-        result: Any = fn(*args, **kwargs)
+        # While RUNNING holds this call's id, the host may raise TimeoutError in this thread (see
+        # `interrupt`); an interrupt that arrives as the call ends is cleared so the next call is spared.
+        slots[w.RUNNING] = slots[w.CALL_ID]
+        try:
+            result: Any = fn(*args, **kwargs)
+        finally:
+            slots[w.RUNNING] = 0
+            if slots[w.INTERRUPTED]:
+                _state["clear_async_exc"]()
+                slots[w.INTERRUPTED] = 0
         del fn, args, kwargs
     except BaseException as exc:  # noqa: BLE001 - everything goes back to the caller's Future
         result, status = RemoteFailure(exc), w.STATUS_ERROR
@@ -88,8 +100,13 @@ def _handle(addr: int) -> int:
 
 def start(handler_slot: int, libpython: str) -> None:
     """Install the call handler and write its address to `handler_slot` (host memory)."""
+    api = ctypes.PyDLL(libpython)  # this interpreter's own C API (ctypes.pythonapi is the host's)
+    set_async_exc = api.PyThreadState_SetAsyncExc
+    set_async_exc.argtypes = [ctypes.c_ulong, ctypes.c_void_p]
+    ident = threading.get_ident()
+    _state["clear_async_exc"] = lambda: set_async_exc(ident, None)
     _state["encoder"] = _wire.Encoder()
-    _state["address"] = _wire.BufferAddresses(ctypes.PyDLL(libpython))
+    _state["address"] = _wire.BufferAddresses(api)
     _state["handler"] = _HANDLER(_handle)
     ctypes.c_void_p.from_address(handler_slot).value = ctypes.cast(_state["handler"], ctypes.c_void_p).value
 

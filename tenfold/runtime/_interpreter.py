@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import ctypes
 import os
+import pickle
 import queue
 import sys
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from . import _glibc, _wire
 from ._guest import RemoteFailure
@@ -25,12 +27,21 @@ def _raise_remote(failure: RemoteFailure) -> None:
     raise RemoteError(failure.type_name, failure.message, failure.traceback, failure.exception)
 
 
+_HOST_SET_ASYNC_EXC = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.py_object)(
+    ("PyThreadState_SetAsyncExc", ctypes.pythonapi)
+)
+_HOST_CLEAR_ASYNC_EXC = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)(
+    ("PyThreadState_SetAsyncExc", ctypes.pythonapi)
+)
+
+
 class _OwnedThread:
     """A thread that runs posted jobs in order, started by the subclass's `_boot`."""
 
     daemon_forever = False
 
     def __init__(self, name: str) -> None:
+        self.call_id = 0  # id of the latest call; the one running while `busy`
         self._inbox: queue.SimpleQueue[Callable[[], Any] | None] = queue.SimpleQueue()
         self._ready = threading.Event()
         self.start_error: BaseException | None = None
@@ -79,8 +90,33 @@ class ThreadInterpreter(_OwnedThread):
 
     backend = "threads"
 
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self._running = 0
+        self._interrupted = False
+        self._set_async_exc = _HOST_SET_ASYNC_EXC
+
     def call(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-        return fn(*args, **kwargs)
+        _wire.request(fn, args, kwargs)  # the same rules for fn as in a namespace: code that runs here runs there
+        self.call_id += 1
+        self._running = self.call_id
+        try:
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._running = 0
+                if self._interrupted:  # an interrupt that came as the call ended must not hit the next one
+                    self._interrupted = False
+                    _HOST_CLEAR_ASYNC_EXC(self.thread.ident, None)
+        except Exception as exc:  # the same error type as the namespaces backend gives
+            failure = RemoteFailure(exc, copy=False)
+            raise RemoteError(failure.type_name, failure.message, failure.traceback, exc) from None
+
+    def interrupt(self, call_id: int) -> None:
+        """Raise TimeoutError in the thread if call `call_id` is still running there."""
+        if self._running == call_id:  # under the host GIL: the thread cannot move on meanwhile
+            self._interrupted = True
+            self._set_async_exc(self.thread.ident, TimeoutError)
 
     def stop(self) -> None:
         self.post(None)
@@ -124,11 +160,36 @@ class NamespaceInterpreter(_OwnedThread):
         )
         self._exec(code)
         if not slot.value:
-            raise InterpreterStartError(f"interpreter {self.index} failed to start:\n{err.value.decode(errors='replace')}")
+            reason = err.value.decode(errors="replace")
+            raise InterpreterStartError(f"interpreter {self.index} failed to start:\n{reason}")
         self._handler = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)(slot.value)
         self._block = _wire.CallBlock()
         self._address = _wire.BufferAddresses(ctypes.pythonapi)
         self._encoder = _wire.Encoder()
+        self._interrupter: _Interrupter | None = None
+        self._set_async_exc = ns.sym("PyThreadState_SetAsyncExc", ctypes.c_int, (ctypes.c_ulong, ctypes.c_void_p))
+        self._timeout_error = ctypes.c_void_p.from_address(ns.address("PyExc_TimeoutError")).value
+
+    def interrupt(self, call_id: int) -> None:
+        """Raise TimeoutError inside the interpreter if call `call_id` is still running there.
+
+        Runs on a helper thread of this interpreter's own (created once, never exits: pitfall 5), which
+        takes the interpreter's GIL; a call stuck in native code that holds that GIL blocks the helper,
+        and the pool then declares the interpreter lost.
+        """
+        if self._interrupter is None:
+            self._interrupter = _Interrupter(self)
+        self._interrupter.post(lambda: self._raise_timeout(call_id))
+
+    def _raise_timeout(self, call_id: int) -> None:
+        g = self._gil_ensure()
+        try:
+            slots = self._block.slots
+            if slots[_wire.RUNNING] == call_id:
+                slots[_wire.INTERRUPTED] = 1
+                self._set_async_exc(self.thread.ident, self._timeout_error)
+        finally:
+            self._gil_release(g)
 
     def _exec(self, code: str) -> None:
         g = self._gil_ensure()
@@ -140,8 +201,14 @@ class NamespaceInterpreter(_OwnedThread):
     def call(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         w, block = _wire, self._block
         slots = block.slots
-        data, pbufs = self._encoder.dumps(w.request(fn, args, kwargs))
+        try:
+            data, pbufs = self._encoder.dumps(w.request(fn, args, kwargs))
+        except (pickle.PicklingError, TypeError, AttributeError) as exc:
+            raise TypeError(f"cannot send this call to an interpreter: {exc}") from exc
         size = len(data)
+        self.call_id += 1
+        slots[w.CALL_ID] = self.call_id
+        slots[w.STATUS] = w.STATUS_NONE
         slots[w.OP] = w.OP_CALL
         slots[w.PAYLOAD_SIZE] = size
         if size <= w.WINDOW_BYTES:
@@ -157,6 +224,8 @@ class NamespaceInterpreter(_OwnedThread):
             slots[w.NBUFFERS] = 0
         self._handler(block.address)
         status = slots[w.STATUS]
+        if status == w.STATUS_NONE:
+            raise RemoteError("TimeoutError", "the call was interrupted before it could answer", "")
         size = slots[w.RESULT_SIZE]
         result = block.response[:size] if not slots[w.RESULT] else ctypes.string_at(slots[w.RESULT], size)
         if slots[w.NRESULT_BUFFERS]:
@@ -190,6 +259,21 @@ def _site_dirs() -> list[str]:
     if site.ENABLE_USER_SITE and site.getusersitepackages():
         dirs.append(site.getusersitepackages())
     return [d for d in dirs if os.path.isdir(d)]
+
+
+class _Interrupter(_OwnedThread):
+    """The thread that delivers interrupts to one namespace interpreter."""
+
+    daemon_forever = True
+
+    def __init__(self, target: NamespaceInterpreter) -> None:
+        self._target = target
+        super().__init__(f"tenfold-interrupter-{target.index}")
+        self.wait_ready()
+
+    def _boot(self) -> None:
+        assert self._target.namespace is not None
+        self._target.namespace.enter_thread()
 
 
 # Runs in the fresh interpreter. Pitfall 2: torch asks ctypes for RTLD_GLOBAL, which crashes glibc

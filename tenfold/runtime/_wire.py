@@ -22,6 +22,7 @@ OP_RELEASE = 1
 
 STATUS_OK = 0
 STATUS_ERROR = 1
+STATUS_NONE = 2  # set by the host before a call: still there afterwards means no answer was written
 
 
 class BufferDesc(ctypes.Structure):
@@ -32,8 +33,8 @@ class BufferDesc(ctypes.Structure):
 # sides (indexing a memoryview is several times cheaper than a ctypes.Structure field). Small payloads
 # and results are copied into two host-owned windows; larger ones travel by address.
 (OP, STATUS, PAYLOAD, PAYLOAD_SIZE, BUFFERS, NBUFFERS, RESULT, RESULT_SIZE, RESULT_BUFFERS,
- NRESULT_BUFFERS, REQUEST_WINDOW, RESPONSE_WINDOW, WINDOW_SIZE) = range(13)
-_SLOTS = 13
+ NRESULT_BUFFERS, REQUEST_WINDOW, RESPONSE_WINDOW, WINDOW_SIZE, CALL_ID, RUNNING, INTERRUPTED) = range(16)
+_SLOTS = 16
 WINDOW_BYTES = 1 << 16
 
 
@@ -229,7 +230,17 @@ def request(fn: Any, args: tuple, kwargs: dict) -> tuple:
             return (name[0], name[1], args, kwargs)
     if type(fn) in _FUNCTION_TYPES:
         module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
-        if module and "<" not in qualname:
+        if module == "__main__":
+            raise TypeError(
+                f"{qualname} is defined in __main__, which interpreters cannot import: functions travel "
+                "by module and name, so move it into an importable module"
+            )
+        if "<" in qualname:
+            raise TypeError(
+                f"{qualname} cannot travel to an interpreter: functions travel by module and name, so "
+                "use a function defined at module level (not a lambda or a local function)"
+            )
+        if module:
             obj = sys.modules.get(module)
             for part in qualname.split("."):
                 obj = getattr(obj, part, None)

@@ -32,7 +32,9 @@ class RemoteError(Exception):
     exception object when it could be pickled back, else None.
     """
 
-    def __init__(self, remote_type: str, remote_message: str, remote_traceback: str, exception: BaseException | None = None):
+    def __init__(
+        self, remote_type: str, remote_message: str, remote_traceback: str, exception: BaseException | None = None
+    ) -> None:
         super().__init__(f"{remote_type}: {remote_message}\n\nRemote traceback:\n{remote_traceback}")
         self.remote_type = remote_type
         self.remote_message = remote_message

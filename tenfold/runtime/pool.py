@@ -10,12 +10,13 @@ import threading
 import time
 import warnings
 import weakref
-from concurrent.futures import Executor, Future
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from concurrent.futures import Executor, Future, InvalidStateError
+from typing import Any, Literal
 
 from . import _glibc, _guest
 from ._interpreter import NamespaceInterpreter, ThreadInterpreter
-from .errors import BrokenInterpreterPool, InterpreterStartError, PlatformNotSupported
+from .errors import BrokenInterpreterPool, InterpreterLost, InterpreterStartError, PlatformNotSupported
 from .stats import BusyMeter, InterpreterStats, PoolStats
 
 Backend = Literal["auto", "namespaces", "threads"]
@@ -65,6 +66,7 @@ class _Slot:
         self.interpreter = interpreter
         self.queue: collections.deque[_WorkItem] = collections.deque()
         self.running = False
+        self.current: tuple[Future, int] | None = None  # the running call's future and call id
         self.calls = 0
         self.errors = 0
         self.lost = False
@@ -194,7 +196,51 @@ class InterpreterPool(Executor):
                 slot.interpreter.post(lambda slot=slot: self._release(slot))
         if wait:
             for slot in self._slots:
-                slot.released.wait()
+                if not slot.lost:  # a lost interpreter's thread may never come back
+                    slot.released.wait()
+
+    def interrupt(self, future: Future, *, grace_s: float = 1.0) -> bool:
+        """Stop the call behind `future`, e.g. once it ran past a deadline.
+
+        A queued call is cancelled. A running one gets TimeoutError raised inside its interpreter (a
+        pure-Python loop stops there, and the future fails with a RemoteError of type TimeoutError).
+        If the interpreter has not returned after `grace_s` (stuck in native code), it is marked lost:
+        the pool stops routing to it, its queued calls move to the others, the future fails with
+        InterpreterLost, and `stats()` says so. Returns True once the interpreter is free again.
+        """
+        if future.cancel() or future.done():
+            return True
+        with self._lock:
+            slot = next((s for s in self._slots if s.current is not None and s.current[0] is future), None)
+            if slot is None:
+                return future.done()
+            call_id = slot.current[1]
+        slot.interpreter.interrupt(call_id)
+        done = _wait_done(future, grace_s)
+        if done:
+            return True
+        self._lose(slot, future, f"interpreter {slot.index} did not return within {grace_s} s of an interrupt")
+        return False
+
+    def _lose(self, slot: _Slot, future: Future, reason: str) -> None:
+        with self._lock:
+            slot.lost = True
+            moved = list(slot.queue)
+            slot.queue.clear()
+            live = [s for s in self._slots if not s.lost]
+            for item in moved:
+                if live:
+                    target = min(live, key=lambda s: s.pending)
+                    target.queue.append(item)
+                    target.interpreter.post(lambda t=target: self._run_next(t))
+                else:
+                    _fail(item.future, BrokenInterpreterPool("every interpreter of this pool was lost"))
+        _fail(future, InterpreterLost(reason))
+
+    @property
+    def healthy(self) -> int:
+        """How many interpreters are in service (not lost)."""
+        return sum(not s.lost for s in self._slots)
 
     def stats(self) -> PoolStats:
         """Per-interpreter calls, errors, busy seconds, queue depth and recent utilization."""
@@ -239,21 +285,27 @@ class InterpreterPool(Executor):
             if not item.future.set_running_or_notify_cancel():
                 return
             meter = slot.meter
+            it = slot.interpreter
             meter.begin(time.monotonic())
+            slot.current = (item.future, it.call_id + 1)
             try:
-                result = slot.interpreter.call(item.fn, item.args, item.kwargs)
+                result = it.call(item.fn, item.args, item.kwargs)
             except BaseException as exc:  # noqa: BLE001 - it belongs to the caller's Future
                 meter.end(time.monotonic())
                 slot.calls += 1
                 slot.errors += 1
-                item.future.set_exception(exc)
+                _fail(item.future, exc)
                 del exc
             else:
                 meter.end(time.monotonic())
                 slot.calls += 1
-                item.future.set_result(result)
+                try:
+                    item.future.set_result(result)
+                except InvalidStateError:
+                    pass  # already failed by interrupt() as lost
                 del result
         finally:
+            slot.current = None
             del item  # no reference to fn, its arguments or its result outlives the call
             slot.running = False
 
@@ -275,6 +327,19 @@ class InterpreterPool(Executor):
         return f"<InterpreterPool size={self.size} backend={self.backend!r} {state}>"
 
 
+def _fail(future: Future, exc: BaseException) -> None:
+    try:
+        future.set_exception(exc)
+    except InvalidStateError:
+        pass  # already settled (cancelled, or failed as lost)
+
+
+def _wait_done(future: Future, timeout: float) -> bool:
+    done = threading.Event()
+    future.add_done_callback(lambda _: done.set())
+    return done.wait(timeout)
+
+
 def interpreters_alive() -> int:
     """Namespace interpreters alive in this process (in pools or parked)."""
     return _alive
@@ -294,8 +359,19 @@ def _register_atexit() -> None:
         atexit.register(_shutdown_all)
 
 
-def _shutdown_all() -> None:
-    # Drain every pool before the host finalises: a call still running in a namespace when the
-    # host's GIL goes away would make its owner thread exit (pitfall 5).
-    for pool in list(_live_pools):
-        pool.shutdown(wait=True)
+def _shutdown_all(grace_s: float = 5.0) -> None:
+    # Stop every pool before the host finalises: a call still running in a namespace when the host's
+    # GIL goes away would make its owner thread exit (pitfall 5). Queued calls are cancelled and running
+    # ones interrupted, so that exit (Ctrl-C included) does not wait on work nobody will read.
+    pools = list(_live_pools)
+    for pool in pools:
+        pool.shutdown(wait=False, cancel_futures=True)
+    for pool in pools:
+        for slot in pool._slots:
+            current = slot.current
+            if current is not None and not slot.lost:
+                pool.interrupt(current[0], grace_s=grace_s)
+    for pool in pools:
+        for slot in pool._slots:
+            if not slot.lost:
+                slot.released.wait(grace_s)
