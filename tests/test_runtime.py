@@ -338,3 +338,56 @@ def test_threads_backend_shares_the_host_interpreter():
     with InterpreterPool(2, backend="threads") as p:
         assert {m for _, _, m in p.broadcast(funcs.where)} == {id(sys.modules)}
         assert threading.get_ident() not in {t for _, t, _ in p.broadcast(funcs.where)}
+
+
+# -- platforms -------------------------------------------------------------------------------------
+
+
+def test_without_a_shared_libpython_auto_falls_back_to_threads_and_namespaces_says_how_to_fix(monkeypatch):
+    import sysconfig
+
+    from tenfold.runtime import PlatformNotSupported, _glibc
+
+    real = sysconfig.get_config_var
+    monkeypatch.setattr(sysconfig, "get_config_var", lambda name: 0 if name == "Py_ENABLE_SHARED" else real(name))
+    _glibc.libpython_path.cache_clear()
+    try:
+        with pytest.raises(PlatformNotSupported, match="--enable-shared"):
+            InterpreterPool(1, backend="namespaces")
+        with pytest.warns(RuntimeWarning, match="falls back to the threads backend"):
+            p = InterpreterPool(1, backend="auto")
+        with p:
+            assert p.backend == "threads" and p.submit(funcs.echo, 3).result() == 3
+    finally:
+        _glibc.libpython_path.cache_clear()
+
+
+def _find_python(version: str) -> str | None:
+    import glob
+    import shutil
+
+    candidates = [shutil.which(f"python{version}")]
+    pyenv = shutil.which("pyenv")
+    if pyenv:
+        root = subprocess.run([pyenv, "root"], capture_output=True, text=True).stdout.strip()
+        candidates += sorted(glob.glob(os.path.join(root, "versions", f"{version}.*", "bin", f"python{version}")))
+    for exe in filter(None, candidates):
+        if subprocess.run([exe, "-c", "pass"], capture_output=True).returncode == 0:
+            return exe
+    return None
+
+
+@pytest.mark.parametrize("version", ["3.10", "3.12", "3.13"])
+def test_the_runtime_runs_on_other_pythons_found_on_this_machine(version):
+    exe = _find_python(version)
+    if exe is None:
+        pytest.skip(f"python{version} is not installed here")
+    proc = subprocess.run(
+        [exe, "-c", "import os, sys; from tenfold.runtime import InterpreterPool\n"
+         "with InterpreterPool(2, backend='namespaces') as p: print(p.broadcast(os.getpid) == [os.getpid()] * 2)"],
+        env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=120,
+    )
+    if proc.returncode != 0 and "--enable-shared" in proc.stderr:
+        pytest.skip(f"python{version} has no shared libpython")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "True"

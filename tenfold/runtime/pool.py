@@ -89,6 +89,11 @@ class InterpreterPool(Executor):
     `fn` travels by reference (module and qualified name), as with ProcessPoolExecutor; arguments and
     results cross by pickle protocol 5, and the buffers of numpy arrays, pyarrow arrays and contiguous
     CPU tensors are seen in place by the interpreter while the call lasts (no copy).
+
+    Namespace interpreters outlive pools (glibc cannot unload a namespace that has run Python): a
+    shut-down pool parks them and the next pool in the process takes them. A new pool sets their
+    sys.path (the host's at creation) and thread budget again, but modules an earlier pool imported
+    stay imported, with whatever module state they were left in. At most 15 are alive per process.
     """
 
     def __init__(
