@@ -391,3 +391,17 @@ def test_the_runtime_runs_on_other_pythons_found_on_this_machine(version):
         pytest.skip(f"python{version} has no shared libpython")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "True"
+
+
+def test_a_pool_dropped_without_shutdown_gives_its_interpreters_back():
+    from tenfold.runtime.pool import interpreters_parked
+
+    p = InterpreterPool(2, backend="namespaces")
+    assert p.submit(funcs.echo, 1).result() == 1
+    parked = interpreters_parked()
+    del p
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while interpreters_parked() < parked + 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert interpreters_parked() == parked + 2

@@ -121,6 +121,8 @@ class InterpreterPool(Executor):
         self._next = 0
         interpreters = self._acquire(size)
         self._slots = [_Slot(i, it, utilization_window_s) for i, it in enumerate(interpreters)]
+        # A pool dropped without shutdown still gives its interpreters back once it is collected.
+        self._finalizer = weakref.finalize(self, _release_all, self._slots)
         try:
             self._prepare(initializer, initargs)
         except BaseException:
@@ -197,8 +199,8 @@ class InterpreterPool(Executor):
                     while slot.queue:
                         slot.queue.popleft().future.cancel()
         if first:
-            for slot in self._slots:
-                slot.interpreter.post(lambda slot=slot: self._release(slot))
+            self._finalizer.detach()
+            _release_all(self._slots)
         if wait:
             for slot in self._slots:
                 if not slot.lost:  # a lost interpreter's thread may never come back
@@ -314,22 +316,26 @@ class InterpreterPool(Executor):
             del item  # no reference to fn, its arguments or its result outlives the call
             slot.running = False
 
-    def _release(self, slot: _Slot) -> None:
-        global _alive
-        it = slot.interpreter
-        if isinstance(it, NamespaceInterpreter):
-            with _registry_lock:
-                if slot.lost:
-                    pass  # a lost interpreter is never handed to another pool; it still counts as alive
-                else:
-                    _parked.append(it)
-        else:
-            it.stop()
-        slot.released.set()
-
     def __repr__(self) -> str:
         state = "shut down" if self._shutdown else "running"
         return f"<InterpreterPool size={self.size} backend={self.backend!r} {state}>"
+
+
+def _release_all(slots: list[_Slot]) -> None:
+    """Give each slot's interpreter back once the work queued before this call is done."""
+    for slot in slots:
+        slot.interpreter.post(lambda slot=slot: _release(slot))
+
+
+def _release(slot: _Slot) -> None:
+    it = slot.interpreter
+    if isinstance(it, NamespaceInterpreter):
+        with _registry_lock:
+            if not slot.lost:  # a lost interpreter is never handed to another pool; it still counts as alive
+                _parked.append(it)
+    else:
+        it.stop()
+    slot.released.set()
 
 
 def _fail(future: Future, exc: BaseException) -> None:
