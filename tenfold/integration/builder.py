@@ -1,0 +1,106 @@
+"""`app_builder`: AppArgs in, a Serve application out (for `serve run configs/<name>.yaml` and Python).
+
+No `from __future__ import annotations` here: Serve reads the builder's parameter annotation to turn
+the YAML's `args` into `AppArgs`, and a string annotation would hide the class from it.
+"""
+
+import os
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import serve
+from ray.serve import Application
+
+from .archives import put_archive
+from .config import AppArgs
+from .deployment import TenfoldModel
+
+
+class DeployError(ValueError):
+    """The application cannot be deployed as configured; the message says why and what to change."""
+
+
+def _read_archive(path: str) -> tuple[bytes, Path]:
+    resolved = Path(path).expanduser()
+    if not resolved.is_absolute():
+        resolved = Path.cwd() / resolved
+    try:
+        return resolved.read_bytes(), resolved
+    except FileNotFoundError:
+        raise DeployError(
+            f"archive {path!r} not found (looked at {resolved}; relative paths are taken from the directory "
+            f"the application is built in, {os.getcwd()}): package a model with `tenfold package` first, or give "
+            "an absolute path"
+        ) from None
+    except IsADirectoryError:
+        raise DeployError(f"archive {path!r} is a directory, not a torch.package file") from None
+
+
+def _check_batching(args: AppArgs, manifest: Any) -> None:
+    if args.max_batch_size is None:
+        return
+    fixed = [s.describe() for s in [*manifest.inputs, *manifest.outputs] if not s.shape or s.shape[0] is not None]
+    if fixed:
+        raise DeployError(
+            f"max_batch_size needs a dynamic first (batch) dimension on every input and output of "
+            f"{manifest.name}; these have none: {', '.join(fixed)}. Package the model with a batch dimension "
+            "or drop max_batch_size"
+        )
+
+
+def _deployment_options(args: AppArgs, name: str) -> dict[str, Any]:
+    from tenfold.runtime import _glibc
+
+    env = {"GLIBC_TUNABLES": _glibc.RECOMMENDED_TUNABLES}
+    options: dict[str, Any] = {
+        "name": name,
+        "ray_actor_options": {"num_cpus": args.replica_num_cpus, "runtime_env": {"env_vars": env}},
+        "max_ongoing_requests": args.replica_max_ongoing_requests,
+        "max_queued_requests": args.max_queued_requests,
+        "health_check_period_s": args.health_check_period_s,
+        "health_check_timeout_s": args.health_check_timeout_s,
+    }
+    if args.autoscaling is None:
+        options["num_replicas"] = args.num_replicas
+    else:
+        a = args.autoscaling
+        options["autoscaling_config"] = {
+            "min_replicas": a.min_replicas,
+            "max_replicas": a.max_replicas,
+            "initial_replicas": a.initial_replicas,
+            "upscale_delay_s": a.upscale_delay_s,
+            "downscale_delay_s": a.downscale_delay_s,
+            "look_back_period_s": a.look_back_period_s,
+            "policy": {
+                "policy_function": "tenfold.integration.policy:UtilizationPolicy",
+                "policy_kwargs": {"target_utilization": a.target_utilization},
+            },
+        }
+    return options
+
+
+def app_builder(args: AppArgs) -> Application:
+    """Reads and checks the archive once, puts it in the object store and binds it into the deployment.
+
+    Every replica, on every node, resolves the same object-store buffer: none reads the file.
+    `args` may be an `AppArgs` or a dict of its fields (as in a `serve run` YAML's `args`).
+    """
+    from tenfold.packaging import PackageError, archive_sha256, verify_archive
+
+    args = AppArgs.model_validate(args) if not isinstance(args, AppArgs) else args
+    data, resolved = _read_archive(args.archive)
+    digest = archive_sha256(data)
+    try:
+        manifest = verify_archive(data, sha256=args.sha256)
+    except PackageError as exc:
+        raise DeployError(f"refusing to deploy {resolved}: {exc}") from exc
+    _check_batching(args, manifest)
+    if not ray.is_initialized():
+        ray.init()
+    ref = put_archive(data, digest)
+    del data
+    name = args.name or manifest.name
+    deployment = serve.deployment(TenfoldModel).options(**_deployment_options(args, name))
+    # Inside a list, so that Serve hands the reference itself to every replica instead of resolving it.
+    return deployment.bind([ref], args.model_dump(mode="json", exclude_unset=True), digest)

@@ -1,0 +1,135 @@
+"""The application's arguments: what `serve run configs/<name>.yaml` passes to `app_builder`."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    field_validator,
+    model_validator,
+)
+
+DEFAULT_INTERPRETERS = 2
+DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class AutoscalingArgs(BaseModel):
+    """Replica autoscaling on interpreter utilization (see `tenfold.integration.policy`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: NonNegativeInt = Field(1, description="Fewest replicas kept running.")
+    max_replicas: PositiveInt = Field(4, description="Most replicas; each needs `num_cpus` CPUs.")
+    initial_replicas: NonNegativeInt | None = Field(None, description="Replicas at deploy time (default: min).")
+    target_utilization: float = Field(
+        0.7, gt=0.0, le=1.0, description="Mean interpreter utilization (busy time / wall time) to track."
+    )
+    upscale_delay_s: NonNegativeFloat = Field(10.0, description="How long load must stay high before scaling up.")
+    downscale_delay_s: NonNegativeFloat = Field(60.0, description="How long load must stay low before scaling down.")
+    look_back_period_s: PositiveFloat = Field(
+        10.0, description="Window over which utilization is measured and averaged."
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingArgs:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) must be >= min_replicas ({self.min_replicas})")
+        if self.initial_replicas is not None and not (
+            self.min_replicas <= self.initial_replicas <= self.max_replicas
+        ):
+            raise ValueError(
+                f"initial_replicas ({self.initial_replicas}) must be between min_replicas ({self.min_replicas})"
+                f" and max_replicas ({self.max_replicas})"
+            )
+        return self
+
+
+class AppArgs(BaseModel):
+    """Arguments of `tenfold.integration:app_builder`, one field per knob; unknown keys are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    archive: str = Field(description="Path of the torch.package archive, read once by the builder.")
+    sha256: str | None = Field(None, description="Expected hex sha256 of the whole archive; refuse any other.")
+    require_sha256: bool = Field(False, description="Refuse to deploy an archive whose sha256 is not pinned.")
+    name: str | None = Field(None, description="Deployment name (default: the manifest's model name).")
+    interpreters: PositiveInt | None = Field(
+        None, description=f"Interpreters per replica (default: num_cpus, else {DEFAULT_INTERPRETERS})."
+    )
+    num_cpus: PositiveFloat | None = Field(None, description="CPUs reserved per replica (default: interpreters).")
+    backend: Literal["auto", "namespaces", "threads"] = Field(
+        "namespaces", description="'namespaces': one CPython per interpreter; 'threads': one GIL (for comparison)."
+    )
+    threads_per_interpreter: PositiveInt | None = Field(
+        None, description="Intra-op threads per interpreter (default: the replica's cores / interpreters)."
+    )
+    num_replicas: PositiveInt = Field(1, description="Fixed replica count (when `autoscaling` is not set).")
+    autoscaling: AutoscalingArgs | None = Field(None, description="Scale replicas on interpreter utilization.")
+    max_ongoing_requests: PositiveInt | None = Field(
+        None, description="Requests a replica accepts at once (default: 4 per interpreter)."
+    )
+    max_queued_requests: int = Field(
+        -1, ge=-1, description="Requests each caller may queue beyond that before a 503 (-1: unbounded)."
+    )
+    max_batch_size: PositiveInt | None = Field(
+        None, description="Dynamic batching: join up to this many requests along dimension 0 (default: off)."
+    )
+    batch_wait_timeout_s: NonNegativeFloat = Field(0.005, description="How long a batch waits to fill up.")
+    request_timeout_s: PositiveFloat | None = Field(30.0, description="A call running longer answers 504.")
+    max_request_bytes: PositiveInt = Field(
+        DEFAULT_MAX_REQUEST_BYTES, description="A larger request body is refused with 413 before it is parsed."
+    )
+    health_check_period_s: PositiveFloat = Field(10.0, description="How often Serve pings every interpreter.")
+    health_check_timeout_s: PositiveFloat = Field(30.0, description="A ping slower than this fails the replica.")
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex_digest(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        digest = value.strip().lower().removeprefix("sha256:")
+        if not _SHA256.fullmatch(digest):
+            raise ValueError(f"sha256 must be 64 hex digits, got {value!r}")
+        return digest
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AppArgs:
+        if self.require_sha256 and self.sha256 is None:
+            raise ValueError(f"require_sha256 is set but no sha256 is pinned for {self.archive!r}")
+        if self.autoscaling is not None and "num_replicas" in self.model_fields_set:
+            raise ValueError("set either num_replicas or autoscaling, not both")
+        if "batch_wait_timeout_s" in self.model_fields_set and self.max_batch_size is None:
+            raise ValueError("batch_wait_timeout_s needs max_batch_size")
+        return self
+
+    @property
+    def replica_interpreters(self) -> int:
+        """Interpreters each replica hosts."""
+        if self.interpreters is not None:
+            return self.interpreters
+        if self.num_cpus is not None:
+            return max(1, math.floor(self.num_cpus))
+        return DEFAULT_INTERPRETERS
+
+    @property
+    def replica_num_cpus(self) -> float:
+        """CPUs Ray reserves for each replica."""
+        return self.num_cpus if self.num_cpus is not None else float(self.replica_interpreters)
+
+    @property
+    def replica_max_ongoing_requests(self) -> int:
+        """Serve's per-replica concurrency: enough to keep every interpreter and the batcher fed."""
+        if self.max_ongoing_requests is not None:
+            return self.max_ongoing_requests
+        per_interpreter = 4 * (self.max_batch_size or 1)
+        return per_interpreter * self.replica_interpreters

@@ -1,0 +1,329 @@
+"""The Serve deployment: one replica, one InterpreterPool, one model replicated into every interpreter.
+
+Every method is `async`: Serve runs sync methods on short-lived worker threads, and a thread that
+entered an interpreter must never exit (pitfall 5 in the runtime notes). Work reaches the interpreters
+only through `submit`, which enqueues it for each interpreter's own long-lived owner thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import ray
+from ray import serve
+from starlette.requests import Request
+from starlette.responses import Response
+
+from tenfold.runtime import BrokenInterpreterPool, InterpreterLost, InterpreterPool, RemoteError
+
+from . import http, policy
+from .config import AppArgs
+from .metrics import ReplicaMetrics
+
+_logger = logging.getLogger("ray.serve")
+
+
+class RequestTimeout(TimeoutError):
+    """A call ran past `request_timeout_s` (answered 504 over HTTP)."""
+
+
+class TenfoldModel:
+    """Serves one torch.package archive from `interpreters` interpreters of this replica's process.
+
+    Callers: `handle.remote(*tensors_or_arrays)` returns the model's output; HTTP `POST /` takes JSON or
+    Arrow IPC (see `tenfold.integration.http`); `GET /-/manifest` returns the manifest and
+    `GET /-/stats` the interpreters' figures.
+    """
+
+    def __init__(self, archive: list[ray.ObjectRef], args: dict[str, Any], sha256: str) -> None:
+        from tenfold.packaging import replicate
+
+        self._args = AppArgs.model_validate(args)
+        self._sha256 = sha256
+        # A read-only view of this node's shared memory: the weights of every interpreter point into it.
+        self._buffer = ray.get(archive[0])
+        window = self._args.autoscaling.look_back_period_s if self._args.autoscaling else 10.0
+        self._pool = InterpreterPool(
+            self._args.replica_interpreters,
+            backend=self._args.backend,
+            threads_per_interpreter=self._args.threads_per_interpreter,
+            utilization_window_s=window,
+        )
+        try:
+            self._model = replicate(self._pool, self._buffer, sha256=sha256)
+        except BaseException:
+            self._pool.shutdown(wait=True)
+            raise
+        self._manifest = self._model.manifest
+        self._inputs = list(self._manifest.inputs)
+        self._output_names = [o.name for o in self._manifest.outputs]
+        self._metrics = ReplicaMetrics()
+        self._batched = None
+        if self._args.max_batch_size is not None:
+            self._batched = serve.batch(
+                max_batch_size=self._args.max_batch_size,
+                batch_wait_timeout_s=self._args.batch_wait_timeout_s,
+                max_concurrent_batches=self._args.replica_interpreters,
+            )(self._run_batch)
+        self._ping: asyncio.Future | None = None
+        self._calls_at_last_check = -1
+
+    # -- callers -------------------------------------------------------------------------------
+
+    async def __call__(self, *inputs: Any) -> Any:
+        """HTTP requests (a starlette Request) and handle calls (the model's positional inputs)."""
+        if len(inputs) == 1 and isinstance(inputs[0], Request):
+            return await self._http(inputs[0])
+        t0 = time.perf_counter()
+        status = 200
+        try:
+            return await self._infer(list(inputs))
+        except BaseException as exc:
+            status = _classify(exc, self._args.request_timeout_s).status
+            raise
+        finally:
+            self._metrics.observe_request("handle", time.perf_counter() - t0, status)
+
+    async def manifest(self) -> dict[str, Any]:
+        """The archive's manifest, its sha256 and this replica's interpreters."""
+        return {
+            "manifest": self._manifest.model_dump(mode="json"),
+            "sha256": self._sha256,
+            "interpreters": self._pool.size,
+            "backend": self._pool.backend,
+            "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+        }
+
+    async def stats(self) -> dict[str, Any]:
+        """This replica's pool figures (calls, errors, busy time, queue depth, utilization)."""
+        return {**self._pool.stats().as_dict(), "pid": os.getpid()}
+
+    # -- Serve hooks ---------------------------------------------------------------------------
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """What `tenfold.integration.policy` scales on: utilization, pending calls, live interpreters."""
+        stats = self._pool.stats()
+        self._metrics.observe_pool(stats)
+        return {
+            policy.UTILIZATION: float(stats.utilization),
+            policy.QUEUE_DEPTH: float(stats.queue_depth),
+            policy.INTERPRETERS: float(stats.healthy),
+        }
+
+    async def check_health(self) -> None:
+        """Fails when no interpreter is in service, or when they neither answer a ping nor make progress."""
+        stats = self._pool.stats()
+        self._metrics.observe_pool(stats)
+        if stats.healthy == 0:
+            raise RuntimeError(f"none of the {stats.size} interpreters of this replica is in service")
+        progressed = stats.calls != self._calls_at_last_check
+        self._calls_at_last_check = stats.calls
+        if self._ping is None or self._ping.done():
+            # A worker thread of the event loop waits for the answers; the pings themselves run on the
+            # interpreters' owner threads, queued behind any calls already there.
+            self._ping = asyncio.ensure_future(asyncio.to_thread(self._pool.broadcast, os.getpid))
+        try:
+            await asyncio.wait_for(asyncio.shield(self._ping), timeout=self._args.health_check_timeout_s / 2)
+        except asyncio.TimeoutError:
+            if not progressed:
+                raise RuntimeError(
+                    f"the interpreters answered no ping within {self._args.health_check_timeout_s / 2:g} s "
+                    "and completed no call since the last check"
+                ) from None
+
+    def __del__(self) -> None:
+        # Serve calls this on a graceful stop (scale-down, delete, shutdown): drain the calls in flight,
+        # then park the interpreters.
+        model, pool = getattr(self, "_model", None), getattr(self, "_pool", None)
+        if model is not None:
+            model.close()
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+    # -- inference -----------------------------------------------------------------------------
+
+    async def _infer(self, inputs: list[Any]) -> Any:
+        inputs = [_as_tensor(v) for v in inputs]
+        try:
+            self._model.check_inputs(inputs)
+        except ValueError as exc:
+            raise http.InvalidInput(str(exc)) from None
+        if self._batched is not None:
+            rows = {getattr(v, "shape", ())[:1] for v in inputs}
+            if len(rows) != 1 or rows == {()}:
+                raise http.InvalidInput("with batching, every input needs the same first (batch) dimension; "
+                                        f"got shapes {[list(getattr(v, 'shape', ())) for v in inputs]}")
+            call = asyncio.ensure_future(self._batched(inputs))
+        else:
+            call = asyncio.wrap_future(self._model.submit(*inputs))
+        timeout = self._args.request_timeout_s
+        if timeout is None:
+            return await call
+        try:
+            # Shielded: a timed-out call finishes (or fails) on its own; nobody is left to read it.
+            return await asyncio.wait_for(asyncio.shield(call), timeout)
+        except asyncio.TimeoutError:
+            call.add_done_callback(_forget)
+            raise RequestTimeout(f"the call took longer than request_timeout_s ({timeout:g} s)") from None
+
+    async def _run_batch(self, batch: list[list[Any]]) -> list[Any]:
+        """One model call for several requests: inputs joined along dimension 0, outputs split back."""
+        rows = [int(request[0].shape[0]) for request in batch]
+        joined = [_concatenate([request[i] for request in batch]) for i in range(len(batch[0]))]
+        result = await asyncio.wrap_future(self._model.submit(*joined))
+        return _split(result, rows)
+
+    # -- HTTP ----------------------------------------------------------------------------------
+
+    async def _http(self, request: Request) -> Response:
+        t0 = time.perf_counter()
+        try:
+            response = await self._route(request)
+        except BaseException as exc:
+            error = _classify(exc, self._args.request_timeout_s)
+            if error.status >= 500 and not isinstance(exc, http.HTTPError | RemoteError | RequestTimeout):
+                _logger.exception("request failed")  # ours, not the caller's nor the model's
+            response = Response(error.body(), status_code=error.status, media_type=http.JSON_TYPE,
+                                headers=error.headers)
+        self._metrics.observe_request("http", time.perf_counter() - t0, response.status_code)
+        return response
+
+    async def _route(self, request: Request) -> Response:
+        path = request.scope.get("path", "/")
+        root = request.scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root):]
+        path = "/" + path.strip("/")
+        if path == "/":
+            if request.method != "POST":
+                raise http.HTTPError("POST inputs to /; GET /-/manifest for the signature", status=405,
+                                     kind="MethodNotAllowed", headers={"Allow": "POST"})
+            return await self._predict(request)
+        if path in ("/-/manifest", "/-/stats"):
+            if request.method != "GET":
+                raise http.HTTPError(f"GET {path}", status=405, kind="MethodNotAllowed", headers={"Allow": "GET"})
+            body = await (self.manifest() if path == "/-/manifest" else self.stats())
+            return Response(http.json.dumps(body).encode(), media_type=http.JSON_TYPE)
+        raise http.HTTPError(f"no route {path}: POST / to predict, GET /-/manifest, GET /-/stats",
+                             status=404, kind="NotFound")
+
+    async def _predict(self, request: Request) -> Response:
+        media = request.headers.get("content-type", http.JSON_TYPE).split(";")[0].strip().lower()
+        if media not in (http.JSON_TYPE, http.ARROW_TYPE):
+            raise http.UnsupportedMediaType(
+                f"Content-Type {media!r} is not served; send {http.JSON_TYPE} or {http.ARROW_TYPE}"
+            )
+        body = await _read_body(request, self._args.max_request_bytes)
+        if media == http.ARROW_TYPE:
+            inputs = http.decode_arrow(body, self._inputs)
+        else:
+            inputs = http.decode_json(body, self._inputs)
+        outputs = _as_arrays(await self._infer(inputs), self._output_names)
+        if media == http.ARROW_TYPE:
+            return Response(http.encode_arrow(outputs, self._output_names), media_type=http.ARROW_TYPE)
+        return Response(http.encode_json(outputs), media_type=http.JSON_TYPE)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed `limit` bytes (never buffered past it)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise http.MalformedRequest(f"Content-Length {declared!r} is not a number") from None
+        if size > limit:
+            raise http.PayloadTooLarge(f"the body has {size} bytes, over max_request_bytes ({limit})")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise http.PayloadTooLarge(f"the body is over max_request_bytes ({limit})")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _classify(exc: BaseException, timeout_s: float | None) -> http.HTTPError:
+    """The HTTP answer for an exception raised while serving a request."""
+    if isinstance(exc, http.HTTPError):
+        return exc
+    if isinstance(exc, RequestTimeout):
+        return http.HTTPError(str(exc), status=504, kind="Timeout")
+    if isinstance(exc, RemoteError):
+        return http.HTTPError(f"{exc.remote_type}: {exc.remote_message}", status=500, kind="ModelError")
+    if isinstance(exc, BrokenInterpreterPool | InterpreterLost):
+        return http.HTTPError(f"this replica cannot serve: {exc}", status=503, kind="Unavailable",
+                              headers={"Retry-After": "1"})
+    return http.HTTPError(f"{type(exc).__name__}: {exc}", status=500, kind="InternalError")
+
+
+def _forget(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()  # read, so that asyncio does not log it as never retrieved
+
+
+def _as_tensor(value: Any) -> Any:
+    """numpy arrays as torch tensors over the same memory (read-only views stay unwritten: the model's
+    contract); anything else as it is, for the model's signature check to judge."""
+    if isinstance(value, np.ndarray):
+        import torch
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "The given NumPy array is not writable"
+            return torch.from_numpy(value)
+    return value
+
+
+def _concatenate(values: Sequence[Any]) -> Any:
+    import torch
+
+    return values[0] if len(values) == 1 else torch.cat(list(values))
+
+
+def _split(result: Any, rows: list[int]) -> list[Any]:
+    """Per-request slices of a batched result (a tensor or array, or a tuple/list/dict of them)."""
+    bounds = np.cumsum([0, *rows])
+    total = int(bounds[-1])
+
+    def cut(value: Any, i: int) -> Any:
+        if getattr(value, "shape", None) is None or not value.shape or value.shape[0] != total:
+            raise ValueError(f"a batched output has shape {list(getattr(value, 'shape', []))}; its first "
+                             f"dimension must be the batch's {total} rows")
+        part = value[bounds[i]:bounds[i + 1]]
+        # A slice would keep (and, over a handle, send) the whole batch's storage.
+        return part.clone() if hasattr(part, "clone") else part.copy()
+
+    def per_request(i: int) -> Any:
+        if isinstance(result, dict):
+            return {k: cut(v, i) for k, v in result.items()}
+        if isinstance(result, list | tuple):
+            return type(result)(cut(v, i) for v in result)
+        return cut(result, i)
+
+    return [per_request(i) for i in range(len(rows))]
+
+
+def _as_arrays(result: Any, names: Sequence[str]) -> list[np.ndarray]:
+    """The model's output as one numpy array per manifest output."""
+    if isinstance(result, dict):
+        values = [result[n] for n in names] if set(names) <= set(result) else list(result.values())
+    elif isinstance(result, list | tuple):
+        values = list(result)
+    else:
+        values = [result]
+    if len(values) != len(names):
+        raise ValueError(f"the model returned {len(values)} output(s), its manifest names {len(names)}: {names}")
+    out = []
+    for v in values:
+        if hasattr(v, "detach"):  # a torch tensor
+            v = v.detach().cpu().numpy()
+        out.append(np.asarray(v))
+    return out

@@ -1,0 +1,211 @@
+"""tenfold.integration without a Ray cluster: app arguments, the autoscaling policy, the HTTP codecs."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from tenfold.integration import http
+from tenfold.integration.config import AppArgs
+from tenfold.integration.policy import (
+    INTERPRETERS,
+    QUEUE_DEPTH,
+    UTILIZATION,
+    UtilizationPolicy,
+    desired_replicas,
+    utilization_policy,
+)
+
+SPECS = [
+    SimpleNamespace(name="x", dtype="float32", shape=[None, 4]),
+    SimpleNamespace(name="k", dtype="int64", shape=[None]),
+]
+
+# -- app arguments ---------------------------------------------------------------------------------
+
+
+def test_interpreters_default_to_num_cpus_and_num_cpus_to_interpreters() -> None:
+    assert AppArgs(archive="m.pt").replica_interpreters == 2
+    assert AppArgs(archive="m.pt", num_cpus=3).replica_interpreters == 3
+    assert AppArgs(archive="m.pt", num_cpus=0.25).replica_interpreters == 1
+    assert AppArgs(archive="m.pt", interpreters=3).replica_num_cpus == 3.0
+    assert AppArgs(archive="m.pt", interpreters=2).replica_max_ongoing_requests == 8
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"sha256": "abc"}, "sha256 must be 64 hex digits"),
+        ({"require_sha256": True}, "require_sha256 is set but no sha256 is pinned"),
+        ({"autoscaling": {"min_replicas": 3, "max_replicas": 2}}, "max_replicas (2) must be >= min_replicas (3)"),
+        ({"autoscaling": {"min_replicas": 1, "max_replicas": 2, "initial_replicas": 3}}, "initial_replicas (3)"),
+        ({"autoscaling": {"target_utilization": 1.5}}, "target_utilization"),
+        ({"autoscaling": {}, "num_replicas": 2}, "either num_replicas or autoscaling"),
+        ({"batch_wait_timeout_s": 0.1}, "batch_wait_timeout_s needs max_batch_size"),
+        ({"interpreters": 0}, "interpreters"),
+        ({"request_timeout_s": -1}, "request_timeout_s"),
+        ({"max_request_bytes": 0}, "max_request_bytes"),
+        ({"intepreters": 2}, "intepreters"),
+    ],
+)
+def test_bad_app_arguments_are_refused_with_the_rule(fields: dict, message: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        AppArgs(archive="m.pt", **fields)
+    assert message in str(info.value)
+
+
+def test_pinned_digest_is_normalised() -> None:
+    digest = "AB" * 32
+    assert AppArgs(archive="m.pt", sha256=f"sha256:{digest}").sha256 == digest.lower()
+
+
+# -- the autoscaling policy ------------------------------------------------------------------------
+
+
+def test_policy_tracks_target_utilization() -> None:
+    one = {"r1": 2.0}
+    # 2 replicas at 0.35 = 0.7 replicas' worth of work: 1 replica at 0.7.
+    assert desired_replicas(utilization={"a": 0.35, "b": 0.35}, queue_depth={}, interpreters={"a": 2, "b": 2},
+                            target_utilization=0.7) == pytest.approx(1.0)
+    assert desired_replicas(utilization={"r1": 0.7}, queue_depth={}, interpreters=one) == pytest.approx(1.0)
+    assert desired_replicas(utilization={"r1": 1.0}, queue_depth={}, interpreters=one,
+                            target_utilization=0.5) == pytest.approx(2.0)
+    assert desired_replicas(utilization={"r1": 0.0}, queue_depth={}, interpreters=one) == 0.0
+
+
+def test_policy_counts_waiting_calls_past_saturation() -> None:
+    # Saturated, with 4 calls waiting behind 2 busy interpreters: 3 replicas' worth of work.
+    d = desired_replicas(utilization={"r": 1.0}, queue_depth={"r": 6}, interpreters={"r": 2}, target_utilization=1.0)
+    assert d == pytest.approx(3.0)
+    # Requests queued at callers are spread over every interpreter.
+    d = desired_replicas(utilization={"r": 1.0}, queue_depth={"r": 2}, interpreters={"r": 2}, queued_at_callers=4,
+                         target_utilization=1.0)
+    assert d == pytest.approx(3.0)
+
+
+def test_policy_without_reports_keeps_the_current_target() -> None:
+    assert desired_replicas(utilization={}, queue_depth={}, interpreters={}) is None
+    with pytest.raises(ValueError, match="target_utilization"):
+        desired_replicas(utilization={}, queue_depth={}, interpreters={}, target_utilization=0)
+    with pytest.raises(ValueError, match="target_utilization"):
+        UtilizationPolicy(target_utilization=2.0)
+
+
+def _context(metrics: dict, *, running: list[str], current: int, target: int, queued: float = 0.0):
+    from ray.serve.config import AutoscalingContext
+
+    return AutoscalingContext(
+        deployment_id=None, deployment_name="d", app_name="a", current_num_replicas=current,
+        target_num_replicas=target, running_replicas=running, total_num_requests=0.0,
+        total_queued_requests=queued, aggregated_metrics=metrics, raw_metrics={},
+        capacity_adjusted_min_replicas=1, capacity_adjusted_max_replicas=4, policy_state={"keep": 1},
+        last_scale_up_time=None, last_scale_down_time=None, current_time=0.0, config=None,
+    )
+
+
+def test_policy_reads_serve_context_of_running_replicas_only() -> None:
+    metrics = {
+        UTILIZATION: {"r1": 1.0, "r2": 1.0, "gone": 1.0},
+        QUEUE_DEPTH: {"r1": 1.0, "r2": 1.0, "gone": 9.0},
+        INTERPRETERS: {"r1": 1.0, "r2": 1.0, "gone": 1.0},
+    }
+    desired, state = UtilizationPolicy(0.5)(_context(metrics, running=["r1", "r2"], current=2, target=2))
+    assert desired == pytest.approx(4.0)
+    assert state["keep"] == 1 and state["tenfold_desired"] == pytest.approx(4.0)
+    desired, _ = utilization_policy(_context({}, running=["r1"], current=1, target=3))
+    assert desired == 3  # nobody reported yet: hold
+
+
+# -- HTTP codecs -----------------------------------------------------------------------------------
+
+
+def test_json_inputs_are_converted_to_the_manifest_dtypes() -> None:
+    x, k = http.decode_json(b'{"inputs": [[[1, 2, 3, 4]], [5]]}', SPECS)
+    assert x.dtype == np.float32 and x.shape == (1, 4) and k.dtype == np.int64 and k.tolist() == [5]
+    x, k = http.decode_json(b'{"inputs": {"k": [], "x": []}}', [SPECS[1], SimpleNamespace(**{**vars(SPECS[0]),
+                                                                                            "shape": [None]})])
+    assert x.dtype == np.int64 and x.shape == (0,)
+    assert json.loads(http.encode_json([np.ones((1, 2), np.float32)])) == {"outputs": [[[1.0, 1.0]]]}
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        (b"{not json", 400, "not valid JSON"),
+        (b"\xff\xfe", 400, "not valid JSON"),
+        (b"[1, 2]", 422, "must be a JSON object"),
+        (b'{"input": []}', 422, 'exactly the key "inputs"'),
+        (b'{"inputs": [], "extra": 1}', 422, 'exactly the key "inputs"'),
+        (b'{"inputs": 3}', 422, "must be a list"),
+        (b'{"inputs": [[[1, 2, 3, 4]]]}', 422, "takes 2 input(s) (x: float32[?, 4], k: int64[?]), got 1"),
+        (b'{"inputs": [[[1, 2, 3]], [1]]}', 422, "input 0 (x) has shape [1, 3], expected x: float32[?, 4]"),
+        (b'{"inputs": [[1, 2, 3, 4], [1]]}', 422, "input 0 (x) has shape [4]"),
+        (b'{"inputs": [[[1, 2], [3]], [1]]}', 422, "input 0 (x) is not a rectangular array"),
+        (b'{"inputs": [[["a", 2, 3, 4]], [1]]}', 422, "got strings"),
+        (b'{"inputs": [[[true, false, true, true]], [1]]}', 422, "input 0 (x) must be float32, got booleans"),
+        (b'{"inputs": [[[1, 2, 3, 4]], [1.5]]}', 422, "input 1 (k) must be int64, got floats"),
+        (b'{"inputs": [[[1, 2, 3, 4]], [NaN]]}', 422, "input 1 (k) must be int64, got floats"),
+        (b'{"inputs": [[[1, 2, 3, 4]], [100000000000000000000000]]}', 422, "input 1 (k)"),
+        (b'{"inputs": {"x": [[1, 2, 3, 4]]}}', 422, "missing ['k']"),
+    ],
+)
+def test_bad_json_is_a_4xx_naming_the_problem(body: bytes, status: int, message: str) -> None:
+    with pytest.raises(http.HTTPError) as info:
+        http.decode_json(body, SPECS)
+    assert info.value.status == status
+    assert message in info.value.message
+    error = json.loads(info.value.body())["error"]
+    assert error["status"] == status and message in error["message"]
+
+
+def test_integers_out_of_range_are_refused() -> None:
+    spec = [SimpleNamespace(name="b", dtype="int8", shape=[None])]
+    assert http.decode_json(b'{"inputs": [[1, -128]]}', spec)[0].dtype == np.int8
+    with pytest.raises(http.InvalidInput, match="out of range for int8"):
+        http.decode_json(b'{"inputs": [[1, 300]]}', spec)
+
+
+def test_arrow_round_trip_keeps_dtypes_and_shapes() -> None:
+    body = http.encode_arrow([np.arange(8, dtype=np.float32).reshape(2, 4), np.array([3, 4])], ["x", "k"])
+    x, k = http.decode_arrow(body, SPECS)
+    assert x.dtype == np.float32 and x.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]] and k.tolist() == [3, 4]
+    out = http.decode_arrow_outputs(body)
+    assert sorted(out) == ["k", "x"] and out["x"].shape == (2, 4)
+
+
+def test_bad_arrow_is_a_4xx_naming_the_problem() -> None:
+    import pyarrow as pa
+
+    with pytest.raises(http.MalformedRequest, match="not an Arrow IPC stream"):
+        http.decode_arrow(b"definitely not arrow", SPECS)
+    wrong_names = http.encode_arrow([np.zeros((1, 4), np.float32), np.zeros(1, np.int64)], ["a", "k"])
+    with pytest.raises(http.InvalidInput, match=r"columns must be \['x', 'k'\]"):
+        http.decode_arrow(wrong_names, SPECS)
+    wrong_dtype = http.encode_arrow([np.zeros((1, 4), np.float64), np.zeros(1, np.int64)], ["x", "k"])
+    with pytest.raises(http.InvalidInput, match="column .x. has type float64, which does not convert safely"):
+        http.decode_arrow(wrong_dtype, SPECS)
+    wrong_shape = http.encode_arrow([np.zeros((1, 5), np.float32), np.zeros(1, np.int64)], ["x", "k"])
+    with pytest.raises(http.InvalidInput, match=r"column 'x' has shape \[1, 5\]"):
+        http.decode_arrow(wrong_shape, SPECS)
+    table = pa.table({"x": pa.array(["a"]), "k": pa.array([1])})
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    with pytest.raises(http.InvalidInput, match="column 'x' has Arrow type string"):
+        http.decode_arrow(sink.getvalue().to_pybytes(), SPECS)
+    table = pa.table({"x": pa.array([1.0, None]), "k": pa.array([1, 2])})
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    with pytest.raises(http.InvalidInput, match="null"):
+        http.decode_arrow(sink.getvalue().to_pybytes(), [SimpleNamespace(name="x", dtype="float32", shape=[None]),
+                                                         SPECS[1]])
+
+
+def test_outputs_of_different_lengths_cannot_share_an_arrow_table() -> None:
+    with pytest.raises(http.HTTPError, match="different first dimensions"):
+        http.encode_arrow([np.zeros(2), np.zeros(3)], ["a", "b"])
