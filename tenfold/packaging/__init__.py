@@ -1,0 +1,54 @@
+"""tenfold.packaging: models as torch.package archives with a manifest, a digest and zero-copy weights.
+
+`save` writes an archive (code + weights + manifest.json); `load` rebuilds the model with its weights
+as views into the archive's bytes; `replicate` loads one archive into every interpreter of a pool
+from one shared buffer. Loading runs pickled code: load only archives you trust, and pin their
+`sha256` (see `archive_sha256`).
+"""
+
+from ._archive import Source
+from .errors import (
+    DigestMismatch,
+    EntryPointMissing,
+    ExternMissing,
+    ManifestInvalid,
+    ManifestMissing,
+    NotAnArchive,
+    PackageError,
+    PackagingFailed,
+    PinMismatch,
+    ReferenceMismatch,
+    SharedWeightWrite,
+    TorchVersionWarning,
+)
+from .manifest import Manifest, ReferenceCheck, TensorSpec
+from .reader import archive_sha256, load, read_manifest, verify_archive
+from .replicated import ReplicatedModel, replicate
+from .writer import repackage, save
+
+__all__ = [
+    "DigestMismatch",
+    "EntryPointMissing",
+    "ExternMissing",
+    "Manifest",
+    "ManifestInvalid",
+    "ManifestMissing",
+    "NotAnArchive",
+    "PackageError",
+    "PackagingFailed",
+    "PinMismatch",
+    "ReferenceCheck",
+    "ReferenceMismatch",
+    "ReplicatedModel",
+    "SharedWeightWrite",
+    "Source",
+    "TensorSpec",
+    "TorchVersionWarning",
+    "archive_sha256",
+    "load",
+    "read_manifest",
+    "replicate",
+    "repackage",
+    "save",
+    "verify_archive",
+]

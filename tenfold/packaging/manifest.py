@@ -1,0 +1,80 @@
+"""The manifest stored as manifest.json in every archive tenfold writes: interface, provenance, digests."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
+
+MANIFEST_RECORD = "manifest.json"
+FORMAT_VERSION = 1
+
+
+class TensorSpec(BaseModel):
+    """One input or output tensor: its name, dtype and shape (None marks a dynamic dimension)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str = Field(description="parameter name of forward() for inputs; output_<i> or the dict key for outputs")
+    dtype: str = Field(description='torch dtype without the "torch." prefix, e.g. "float32", "int64"')
+    shape: list[int | None] = Field(description="size of each dimension; None where any size is accepted")
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+    def describe(self) -> str:
+        """'tokens: int64[?, 16]'"""
+        dims = ", ".join("?" if d is None else str(d) for d in self.shape)
+        return f"{self.name}: {self.dtype}[{dims}]"
+
+
+class ReferenceCheck(BaseModel):
+    """Where the example inputs and the output recorded at packaging are kept, and how close a re-run must be."""
+
+    resource: str = Field(description="archive record holding torch.save({'inputs': ..., 'output': ...})")
+    rtol: float = Field(ge=0, description="relative tolerance of the re-run at load(verify=True)")
+    atol: float = Field(ge=0, description="absolute tolerance of the re-run at load(verify=True)")
+
+
+class Manifest(BaseModel):
+    """What tenfold records about a packaged model (manifest.json inside the archive)."""
+
+    format_version: int = FORMAT_VERSION
+    name: str = Field(description="model name")
+    entry: str = Field(description='archive resource holding the pickled model, e.g. "model/model.pkl"')
+    inputs: list[TensorSpec] = Field(description="positional inputs of forward(), in order")
+    outputs: list[TensorSpec] = Field(description="output tensors, flattened in order")
+    output_structure: Literal["tensor", "tuple", "list", "dict"] = Field(
+        description="how the output tensors are arranged: one tensor, a tuple, a list or a dict"
+    )
+    torch_version: str
+    python_version: str
+    interned_modules: list[str] = Field(default_factory=list, description="modules whose source is in the archive")
+    extern_modules: list[str] = Field(default_factory=list, description="modules the loading side must provide")
+    mocked_modules: list[str] = Field(default_factory=list)
+    weight_bytes: NonNegativeInt = Field(description="bytes of tensor storage in the archive (the model's weights)")
+    tensor_count: NonNegativeInt = Field(description="number of tensor storages in the archive")
+    reference: ReferenceCheck | None = None
+    writes_weights: list[str] = Field(
+        default_factory=list,
+        description="parameters and buffers the model changed when it ran at packaging; such a model needs "
+        "copy_weights=True, since shared weights are read-only",
+    )
+    record_sha256: dict[str, str] = Field(description="sha256 of every record of the archive but manifest.json")
+    content_sha256: str = Field(description="sha256 of this manifest without this field (covers every record)")
+
+    def signature(self) -> str:
+        """'(tokens: int64[?, ?]) -> (output: float32[?, 12])'"""
+        ins = ", ".join(s.describe() for s in self.inputs)
+        outs = ", ".join(s.describe() for s in self.outputs)
+        return f"({ins}) -> ({outs})"
+
+
+def content_digest(manifest: Manifest) -> str:
+    """The digest stored in `content_sha256`: sha256 of the canonical JSON of every other field."""
+    data = manifest.model_dump(mode="json", exclude={"content_sha256"})
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(canonical).hexdigest()

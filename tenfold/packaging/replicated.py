@@ -1,0 +1,181 @@
+"""One archive served by every interpreter of a pool, all sharing one copy of the weights.
+
+The host maps the archive (or takes the caller's buffer) once and hands the same buffer to every
+interpreter; each rebuilds the model with its weights as views into that host memory. The host keeps
+the buffer alive until `close()` has dropped the model from every interpreter: the views point into it.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any
+
+from . import _signature
+from ._archive import Source, open_source
+from .errors import PackageError, SharedWeightWrite
+from .manifest import Manifest
+from .reader import is_shared_write, load_archive, open_archive
+
+if TYPE_CHECKING:
+    from tenfold.runtime import InterpreterPool
+
+# Host side: buffers that interpreters' models point into, by model id. Dropped only by close(), so a
+# ReplicatedModel collected without close() leaks its buffer rather than leaving dangling views.
+_host_buffers: dict[str, Any] = {}
+_host_lock = threading.Lock()
+
+# Interpreter side: the models loaded into this interpreter (with their archive's label), by model id.
+_models: dict[str, tuple[Any, str]] = {}
+
+
+class ReplicatedModel:
+    """A model loaded into every interpreter of a pool. Call it, or `submit` to get a Future."""
+
+    def __init__(self, pool: InterpreterPool, model_id: str, manifest: Manifest, label: str) -> None:
+        self._pool = pool
+        self._id = model_id
+        self._label = label
+        self._closed = False
+        self._poisoned: SharedWeightWrite | None = None
+        self._lock = threading.Lock()
+        self.manifest = manifest
+
+    def check_inputs(self, inputs: tuple[Any, ...] | list[Any]) -> None:
+        """Raise ValueError naming the first input that does not match the manifest's signature."""
+        _signature.check_inputs(self.manifest.inputs, inputs, self.manifest.signature())
+
+    def submit(self, *inputs: Any) -> Future:
+        """Check `inputs`, then run the model on them in the next free interpreter."""
+        if self._closed:
+            raise RuntimeError(f"model {self.manifest.name!r} ({self._label}) was closed")
+        if self._poisoned is not None:
+            raise SharedWeightWrite(
+                self._label,
+                f"model {self.manifest.name!r} wrote into its shared weights in an earlier call, so they no longer "
+                "hold the archive's values; close it and replicate the archive again (with copy_weights=True)",
+            ) from self._poisoned
+        self.check_inputs(inputs)
+        outer: Future = Future()
+        inner = self._pool.submit(_run, self._id, inputs)
+        inner.add_done_callback(lambda f: self._settle(outer, f))
+        return outer
+
+    def _settle(self, outer: Future, inner: Future) -> None:
+        exc = inner.exception()
+        if exc is None:
+            outer.set_result(inner.result())
+            return
+        original = getattr(exc, "exception", None)  # RemoteError carries the interpreter's exception
+        if isinstance(original, PackageError):
+            original.__cause__ = exc  # keeps the interpreter's traceback
+            exc = original
+        if isinstance(exc, SharedWeightWrite):
+            self._poisoned = exc
+        outer.set_exception(exc)
+
+    def __call__(self, *inputs: Any) -> Any:
+        return self.submit(*inputs).result()
+
+    def close(self) -> None:
+        """Drop the model from every interpreter, then release the shared buffer. Safe to call twice."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        try:
+            self._pool.broadcast(_drop, self._id)
+        finally:
+            with _host_lock:
+                _host_buffers.pop(self._id, None)
+
+    def __enter__(self) -> ReplicatedModel:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"on {self._pool.size} interpreter(s)"
+        return f"<ReplicatedModel {self.manifest.name!r} {self.manifest.signature()} {state}>"
+
+
+def replicate(
+    pool: InterpreterPool, source: Source, *, sha256: str | None = None, copy_weights: bool = False
+) -> ReplicatedModel:
+    """Load the archive at `source` (a path or a bytes-like buffer) into every interpreter of `pool`.
+
+    The archive is validated in the host first (zip, manifest, `sha256` pin); then every interpreter
+    loads it from the same buffer, with its weights as views into that buffer: one copy of the weights
+    per process, however many interpreters serve it. `copy_weights=True` gives every interpreter a
+    private copy instead (for models that write into their weights).
+    """
+    import pickle
+
+    from .reader import check_pin, check_shared_writes, check_torch_version, manifest_of
+
+    view, label = open_source(source)
+    archive = open_archive(view)
+    archive.label = label
+    check_pin(archive, sha256)
+    manifest = manifest_of(archive)
+    check_torch_version(archive, manifest)
+    check_shared_writes(archive, manifest, copy_weights)
+    model_id = uuid.uuid4().hex
+    with _host_lock:
+        _host_buffers[model_id] = view
+    try:
+        pool.broadcast(_load, model_id, pickle.PickleBuffer(view), label, copy_weights)
+    except BaseException as exc:
+        try:
+            pool.broadcast(_drop, model_id)
+        finally:
+            with _host_lock:
+                _host_buffers.pop(model_id, None)
+        original = getattr(exc, "exception", None)
+        if isinstance(original, PackageError):
+            raise original from exc
+        raise
+    return ReplicatedModel(pool, model_id, manifest, label)
+
+
+# -- run inside each interpreter -------------------------------------------------------------------
+
+
+def _load(model_id: str, buffer: Any, label: str, copy_weights: bool) -> bool:
+    archive = open_archive(buffer)
+    archive.label = label
+    _models[model_id] = (load_archive(archive, copy_weights=copy_weights), label)
+    return True
+
+
+def _run(model_id: str, inputs: tuple[Any, ...]) -> Any:
+    import torch
+
+    loaded = _models.get(model_id)
+    if loaded is None:
+        raise RuntimeError(f"model {model_id} is not loaded in this interpreter (closed?)")
+    model, label = loaded
+    try:
+        with torch.no_grad():
+            return model(*inputs)
+    except RuntimeError as exc:
+        if is_shared_write(exc):
+            raise SharedWeightWrite(
+                label,
+                "the model wrote into one of its weights during inference; weights are shared by every "
+                "interpreter and read-only. Fix the model, or load it with copy_weights=True",
+            ) from None
+        raise
+
+
+def _drop(model_id: str) -> bool:
+    return _models.pop(model_id, None) is not None
+
+
+def _weight_addresses(model_id: str) -> list[tuple[int, int]]:
+    """(data_ptr, nbytes) of every parameter and buffer of a loaded model (to check where weights live)."""
+    model = _models[model_id][0]
+    tensors = list(model.parameters()) + list(model.buffers())
+    return [(t.data_ptr(), t.numel() * t.element_size()) for t in tensors]
