@@ -24,7 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -73,11 +73,11 @@ class BenchConfig:
             sizes=sizes,
             models=models or (["mlp", "conv"] if quick else list(_bench_models.MODELS)),
             seconds=seconds if seconds is not None else (0.3 if quick else 3.0),
-            warmup_s=0.1 if quick else 0.5,
+            warmup_s=0.05 if quick else 0.5,
             reps=reps if reps is not None else (1 if quick else 3),
             startup_reps=1 if quick else 3,
             round_trips=round_trips if round_trips is not None else (2_000 if quick else 20_000),
-            extra_interpreters=1 if quick else 2,
+            extra_interpreters=0 if quick else 1,
             out=out,
             quick=quick,
         )
@@ -213,6 +213,7 @@ def measure_throughput(cfg: BenchConfig, log: Any = print) -> tuple[list[dict[st
     extras: dict[str, Any] = {"worker_info": {}, "process_memory": {}}
     fleet = _ProcessFleet()
     try:
+        fleet.grow(max(cfg.sizes))  # spawned in parallel, once
         for size in cfg.sizes:
             _measure_size(cfg, size, fleet, rows, extras, log)
     finally:
@@ -327,6 +328,10 @@ def measure_round_trip(cfg: BenchConfig) -> dict[str, Any]:
     with InterpreterPool(1, backend="threads") as pool:
         _submit_round_trips(pool, warm, arg)
         out["threads_submit"] = _percentiles(_submit_round_trips(pool, cfg.round_trips, arg))
+    # The floor of any executor that hands a call to another thread and waits for its Future.
+    with ThreadPoolExecutor(1) as pool:
+        _submit_round_trips(pool, warm, arg)
+        out["stdlib_thread_pool_submit"] = _percentiles(_submit_round_trips(pool, cfg.round_trips, arg))
     return out
 
 
@@ -349,84 +354,100 @@ def _memory(pid: int | None = None) -> dict[str, float]:
     return out
 
 
-def _startup_child(size: int, extra: int) -> dict[str, Any]:
-    """In a fresh process with torch imported: start `size` interpreters and import torch in them,
-    then add `extra` more one by one; the time to ready and the process's memory after each step."""
-    import torch
-
+def _start(size: int) -> tuple[Any, float, list[dict[str, Any]]]:
+    """A pool of `size` new interpreters with torch imported: (pool, seconds to ready, imports)."""
     from .pool import InterpreterPool
 
-    del torch  # imported so the host looks like a serving replica, and is not counted per interpreter
-    memory = [_memory()]
     t0 = time.perf_counter()
     pool = InterpreterPool(size, backend="namespaces", threads_per_interpreter=1)
-    started_s = time.perf_counter() - t0
     imports = pool.broadcast(_bench_models.import_torch)
-    ready_s = time.perf_counter() - t0
-    memory.append(_memory())
-    pools = [pool]
-    for _ in range(extra):
-        pools.append(InterpreterPool(1, backend="namespaces", threads_per_interpreter=1))
-        pools[-1].broadcast(_bench_models.import_torch)
+    return pool, time.perf_counter() - t0, imports
+
+
+def _startup_child(order: list[int], extra: int) -> dict[str, Any]:
+    """In a fresh process with torch imported: start new interpreters in groups of the sizes in `order`
+    (each group in parallel, while the earlier ones stay alive, so none is a reused one), then `extra`
+    more one at a time; the time each group took to be ready with torch, and the memory after it."""
+    t0 = time.perf_counter()
+    import torch
+
+    host_import_s = time.perf_counter() - t0  # the same import in a plain process, for comparison
+    del torch  # imported so the host looks like a serving replica, and is not counted per interpreter
+    memory = [_memory()]
+    pools, groups = [], []
+    for size in [*order, *[1] * extra]:
+        pool, ready_s, imports = _start(size)
+        pools.append(pool)
         memory.append(_memory())
-    for p in pools:
-        p.shutdown()
-    return {
-        "size": size,
-        "ready_s": ready_s,
-        "interpreters_started_s": started_s,
-        "torch_import_s": [i["import_s"] for i in imports],
-        "memory": memory,
-    }
+        groups.append({
+            "size": size,
+            "ready_s": ready_s,
+            "torch_import_s": [i["import_s"] for i in imports],
+            "torch_import_cpu_s": [i["import_cpu_s"] for i in imports],
+        })
+    for pool in pools:
+        pool.shutdown()
+    return {"groups": groups, "memory": memory, "host_import_s": host_import_s}
 
 
-def _run_child(size: int, extra: int) -> dict[str, Any]:
+def _run_child(order: list[int], extra: int) -> dict[str, Any]:
     from . import _glibc
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
     if _glibc.reserved_static_tls() < _glibc.STATIC_TLS_PER_INTERPRETER * _glibc.MAX_NAMESPACES:
         env["GLIBC_TUNABLES"] = _glibc.RECOMMENDED_TUNABLES
-    cmd = [sys.executable, "-m", "tenfold.runtime._bench", "startup-child", str(size), str(extra)]
+    cmd = [sys.executable, "-m", "tenfold.runtime._bench", "startup-child", ",".join(map(str, order)), str(extra)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
-        raise RuntimeError(f"start-up measurement ({size} interpreter(s)) failed:\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"start-up measurement failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def measure_startup(cfg: BenchConfig, log: Any = print) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Start-up of 1 and of 2 interpreters (alternating fresh processes), and memory per interpreter."""
-    runs: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
+    """Start-up of 1 interpreter and of 2 in parallel, and the memory each adds; one fresh process per
+    repetition, the order of the two alternating between repetitions."""
+    ready: dict[int, list[float]] = {1: [], 2: []}
+    imports: dict[int, list[float]] = {1: [], 2: []}
+    imports_cpu: dict[int, list[float]] = {1: [], 2: []}
+    steps: list[dict[str, list[float]]] = []  # per added interpreter, in order of addition
+    host = None
+    host_imports = []
     for rep in range(cfg.startup_reps):
-        for size in (1, 2):
-            extra = cfg.extra_interpreters if size == 1 else 0
-            runs[size].append(result := _run_child(size, extra))
-            log(f"  rep {rep + 1}/{cfg.startup_reps}: {size} interpreter(s) with torch ready in "
-                f"{result['ready_s']:.2f} s")
-    one = statistics.median(r["ready_s"] for r in runs[1])
-    two = statistics.median(r["ready_s"] for r in runs[2])
+        order = [1, 2] if rep % 2 == 0 else [2, 1]
+        child = _run_child(order, cfg.extra_interpreters)
+        host = host or child["memory"][0]
+        host_imports.append(child["host_import_s"])
+        index = 0
+        for i, group in enumerate(child["groups"]):
+            before, after = child["memory"][i], child["memory"][i + 1]
+            if i < len(order):
+                ready[group["size"]].append(group["ready_s"])
+                imports[group["size"]].extend(group["torch_import_s"])
+                imports_cpu[group["size"]].extend(group["torch_import_cpu_s"])
+            for _ in range(group["size"]):  # a group of k started together: each adds 1/k of the growth
+                if index == len(steps):
+                    steps.append({})
+                for key in after:
+                    steps[index].setdefault(key, []).append((after[key] - before[key]) / group["size"])
+                index += 1
+        log(f"  rep {rep + 1}/{cfg.startup_reps}: 1 interpreter with torch ready in {ready[1][-1]:.2f} s, "
+            f"2 in parallel in {ready[2][-1]:.2f} s")
+    one, two = statistics.median(ready[1]), statistics.median(ready[2])
     startup = {
         "one_ready_s": one,
         "two_parallel_ready_s": two,
         "two_vs_one": two / one,
-        "one_runs_s": [r["ready_s"] for r in runs[1]],
-        "two_runs_s": [r["ready_s"] for r in runs[2]],
-        "torch_import_in_interpreter_s": statistics.median(t for r in runs[1] for t in r["torch_import_s"]),
-        "interpreter_without_torch_s": statistics.median(r["interpreters_started_s"] for r in runs[1]),
+        "one_runs_s": ready[1],
+        "two_runs_s": ready[2],
+        "torch_import_in_interpreter_s": statistics.median(imports[1]),
+        "torch_import_in_interpreter_cpu_s": statistics.median(imports_cpu[1]),
+        "torch_import_two_in_parallel_s": statistics.median(imports[2]),
+        "torch_import_two_in_parallel_cpu_s": statistics.median(imports_cpu[2]),
+        "torch_import_in_host_s": statistics.median(host_imports),
     }
-    steps = []  # per added interpreter: the process's growth, median over repetitions
-    for i in range(1, cfg.extra_interpreters + 2):
-        step = {}
-        for key in ("rss_mb", "uss_mb", "private_dirty_mb"):
-            deltas = [r["memory"][i][key] - r["memory"][i - 1][key] for r in runs[1] if key in r["memory"][i]]
-            if deltas:
-                step[key] = statistics.median(deltas)
-        steps.append(step)
     memory = {
-        "host_with_torch": runs[1][0]["memory"][0],
-        "per_interpreter": steps,
-        "two_in_parallel_per_interpreter_uss_mb": statistics.median(
-            (r["memory"][1]["uss_mb"] - r["memory"][0]["uss_mb"]) / 2 for r in runs[2]
-        ),
+        "host_with_torch": host,
+        "per_interpreter": [{key: statistics.median(v) for key, v in step.items()} for step in steps],
     }
     return startup, memory
 
@@ -500,25 +521,29 @@ def format_table(results: dict[str, Any]) -> str:
             lines.append(f"  + interpreter {i} with torch: +{step['rss_mb']:.0f} MB RSS, +{step['uss_mb']:.0f} MB "
                          f"private (+{step.get('private_dirty_mb', float('nan')):.0f} MB private dirty; the rest of "
                          "the RSS is library text mapped again, shared)")
-        lines.append(f"  2 started in parallel: +{mem['two_in_parallel_per_interpreter_uss_mb']:.0f} MB private each")
-        for size, procs in results.get("extras", {}).get("process_memory", {}).items():
-            uss = ", ".join(f"{p['uss_mb']:.0f}" for p in procs)
-            lines.append(f"  for comparison, {size} spawned process(es) with the models loaded: {uss} MB private each")
+        procs = results.get("extras", {}).get("process_memory", {})
+        if procs:
+            uss = ", ".join(f"{p['uss_mb']:.0f}" for p in procs[max(procs, key=int)])
+            lines.append(f"  for comparison, each spawned process (torch and the models loaded): {uss} MB private")
     st = results.get("startup")
     if st:
         lines.append("")
-        lines.append(f"start-up: 1 interpreter with torch ready {st['one_ready_s']:.2f} s (interpreter alone "
-                     f"{st['interpreter_without_torch_s']:.2f} s, torch import inside "
-                     f"{st['torch_import_in_interpreter_s']:.2f} s); 2 in parallel {st['two_parallel_ready_s']:.2f} s"
-                     f" = {st['two_vs_one']:.2f}x")
+        lines.append(f"start-up: 1 interpreter with torch ready {st['one_ready_s']:.2f} s; 2 in parallel "
+                     f"{st['two_parallel_ready_s']:.2f} s = {st['two_vs_one']:.2f}x")
+        lines.append(f"  torch import inside: alone {st['torch_import_in_interpreter_s']:.2f} s wall, "
+                     f"{st['torch_import_in_interpreter_cpu_s']:.2f} s CPU; 2 in parallel "
+                     f"{st['torch_import_two_in_parallel_s']:.2f} s wall, "
+                     f"{st['torch_import_two_in_parallel_cpu_s']:.2f} s CPU each; in a plain process "
+                     f"{st['torch_import_in_host_s']:.2f} s")
     rt = results.get("round_trip")
     if rt:
         lines.append("")
         for key, label in (("interpreter_call", "interpreter, owner thread"),
                            ("interpreter_submit", "interpreter, submit().result()"),
-                           ("threads_submit", "threads backend, submit().result()")):
+                           ("threads_submit", "threads backend, submit().result()"),
+                           ("stdlib_thread_pool_submit", "stdlib ThreadPoolExecutor, submit().result()")):
             p = rt[key]
-            lines.append(f"round trip {label:<37} median {p['median_us']:7.1f} us   p99 {p['p99_us']:7.1f} us"
+            lines.append(f"round trip {label:<45} median {p['median_us']:7.1f} us   p99 {p['p99_us']:7.1f} us"
                          f"   ({p['calls']:,} calls)")
     targets = results.get("targets", [])
     if targets:
@@ -654,9 +679,9 @@ def run_benchmark(cfg: BenchConfig, log: Any = print) -> dict[str, Any]:
 def _main(argv: list[str]) -> int:
     # Entry point of the fresh processes that measure start-up and memory.
     if len(argv) == 3 and argv[0] == "startup-child":
-        print(json.dumps(_startup_child(int(argv[1]), int(argv[2]))))
+        print(json.dumps(_startup_child([int(n) for n in argv[1].split(",")], int(argv[2]))))
         return 0
-    print("usage: python -m tenfold.runtime._bench startup-child SIZE EXTRA", file=sys.stderr)
+    print("usage: python -m tenfold.runtime._bench startup-child SIZE[,SIZE...] EXTRA", file=sys.stderr)
     return 2
 
 

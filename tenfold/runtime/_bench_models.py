@@ -114,11 +114,13 @@ def import_torch() -> dict[str, Any]:
     """Import torch here; what the start-up measurement waits for. Returns this worker's settings."""
     import threading
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.thread_time()
     import torch
 
     return {
         "import_s": time.perf_counter() - t0,
+        # Much less CPU than wall time, on an idle machine, means the import waited (for a lock, or disk).
+        "import_cpu_s": time.thread_time() - cpu0,
         "torch_threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "python_threads": threading.active_count(),
