@@ -179,3 +179,15 @@ def _weight_addresses(model_id: str) -> list[tuple[int, int]]:
     model = _models[model_id][0]
     tensors = list(model.parameters()) + list(model.buffers())
     return [(t.data_ptr(), t.numel() * t.element_size()) for t in tensors]
+
+
+def _touch(model_id: str) -> float:
+    """Read every byte of a loaded model's weights (to measure what sharing them costs)."""
+    import torch
+
+    model = _models[model_id][0]
+    total = 0.0
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            total += float(t.sum() if t.is_floating_point() else t.double().sum())
+    return total

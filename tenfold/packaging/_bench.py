@@ -1,0 +1,155 @@
+"""`tenfold bench packaging`: packaging and loading times, and memory of one archive shared by a pool.
+
+Run from the repository root (it packages examples.resnet). Memory is measured in a fresh subprocess
+so that nothing else this process did is counted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _warm() -> None:
+    """Import what loading needs, so that the baseline includes it."""
+    import torch  # noqa: F401
+
+    import tenfold.packaging  # noqa: F401
+
+
+def _inputs_for(manifest: Any) -> tuple:
+    import torch
+
+    return tuple(torch.zeros([2 if d is None else d for d in s.shape], dtype=getattr(torch, s.dtype))
+                 for s in manifest.inputs)
+
+
+def _plain_load(path: str) -> bool:
+    """Load with plain torch.package (weights copied), for comparison; kept alive in this interpreter."""
+    from torch.package import PackageImporter
+
+    _plain_models.append(PackageImporter(path).load_pickle("model", "model.pkl"))
+    return True
+
+
+_plain_models: list[Any] = []
+
+
+def measure_sharing(archive: str, interpreters: int, *, plain: bool = False) -> dict[str, Any]:
+    """Process memory before and after `archive` is replicated into `interpreters` interpreters of one
+    pool and run once in each (so every weight page is touched). Run it in a fresh process."""
+    import psutil
+
+    from tenfold.runtime import InterpreterPool
+
+    from . import read_manifest, replicate
+    from . import replicated as _replicated
+
+    proc = psutil.Process()
+
+    def mem() -> dict[str, int]:
+        info = proc.memory_full_info()
+        return {"rss": info.rss, "pss": info.pss, "uss": info.uss}
+
+    manifest = read_manifest(archive)
+    inputs = _inputs_for(manifest)
+    points: dict[str, dict[str, int]] = {}
+    with InterpreterPool(interpreters, threads_per_interpreter=1) as pool:
+        pool.broadcast(_warm)
+        points["warm"] = mem()
+        t0 = time.perf_counter()
+        if plain:
+            pool.broadcast(_plain_load, archive)
+            load_s = time.perf_counter() - t0
+            points["loaded"] = points["touched"] = mem()
+        else:
+            model = replicate(pool, archive)
+            load_s = time.perf_counter() - t0
+            points["loaded"] = mem()
+            pool.broadcast(_replicated._touch, model._id)  # every weight page read in every interpreter
+            points["touched"] = mem()
+            pool.broadcast(_replicated._run, model._id, inputs)
+            points["ran"] = mem()
+            model.close()
+    base = points["warm"]
+    return {
+        "interpreters": interpreters,
+        "weight_bytes": manifest.weight_bytes,
+        "load_s": load_s,
+        "points": points,
+        "delta": {p: {k: v[k] - base[k] for k in v} for p, v in points.items()},
+        "plain": plain,
+    }
+
+
+def measure_in_subprocess(archive: str, interpreters: int, *, plain: bool = False) -> dict[str, Any]:
+    code = (
+        "import json, sys; from tenfold.packaging._bench import measure_sharing; "
+        f"print('RESULT', json.dumps(measure_sharing({archive!r}, {interpreters}, plain={plain})))"
+    )
+    env = dict(os.environ)
+    env.setdefault("GLIBC_TUNABLES", "glibc.rtld.optional_static_tls=65536")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
+    for line in run.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError(f"the measuring process failed ({run.returncode}):\n{run.stderr[-4000:]}")
+
+
+def run(weights_mb: int = 200, interpreters: int = 4) -> int:
+    import torch
+
+    from . import load, save
+
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        from examples import resnet
+    except ImportError:
+        print("tenfold bench packaging: run it from the repository root (it packages examples.resnet)")
+        return 2
+    mb = 1 << 20
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "resnet25m.pt"
+        model = resnet.build(width=70)
+        params = sum(p.numel() for p in model.parameters())
+        t0 = time.perf_counter()
+        manifest = save(model, path, example_inputs=resnet.example_inputs())
+        save_s = time.perf_counter() - t0
+        del model
+        loads = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            load(path)
+            loads.append(time.perf_counter() - t0)
+        print(f"package {params / 1e6:.1f}M-parameter ResNet ({manifest.weight_bytes / mb:.0f} MiB): {save_s:.2f} s "
+              "(target <= 5 s)")
+        print(f"load it in this interpreter (torch already imported): best {min(loads):.3f} s of 3 "
+              "(target <= 1 s)")
+
+        big = Path(tmp) / "big.pt"
+        width = round(64 * (weights_mb / 81.4) ** 0.5)  # width 64 holds 81.4 MiB of weights
+        save(resnet.build(width=width), big, example_inputs=resnet.example_inputs())
+        del torch
+        shared = measure_in_subprocess(str(big), interpreters)
+        plain = measure_in_subprocess(str(big), interpreters, plain=True)
+    w = shared["weight_bytes"]
+    print(f"{interpreters} interpreters, one archive of {w / mb:.0f} MiB of weights (ResNet width {width}); "
+          "memory added to the process, after torch was imported in every interpreter:")
+
+    def row(label: str, d: dict[str, int]) -> None:
+        print(f"  {label:<52} +{d['rss'] / mb:6.0f} MiB RSS  +{d['pss'] / mb:6.0f} MiB PSS  ({d['rss'] / w:.2f} x)")
+
+    row("replicate (weights mapped, not yet read)", shared["delta"]["loaded"])
+    row("replicate + every weight read in every interpreter", shared["delta"]["touched"])
+    row("  + one inference in each (adds compute workspace)", shared["delta"]["ran"])
+    row("plain torch.package in each interpreter (copies)", plain["delta"]["loaded"])
+    print(f"  load into all {interpreters}: replicate {shared['load_s']:.2f} s, plain {plain['load_s']:.2f} s; "
+          f"target: < 1.25 x the weights ({1.25 * w / mb:.0f} MiB) with the weights read everywhere")
+    return 0
