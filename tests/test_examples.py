@@ -1,0 +1,166 @@
+"""The example models: deterministic, packaged by one command, equal after a round trip, and loadable by an
+interpreter that cannot import examples/."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import tenfold.packaging as tp
+from tenfold import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ["examples.rnn_tagger", "examples.resnet", "examples.text_encoder"]
+
+
+def _module(name: str) -> Any:
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    return importlib.import_module(name)
+
+
+def _flat(out: Any) -> list[torch.Tensor]:
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+@pytest.fixture(scope="module")
+def packaged(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, tuple, list[torch.Tensor]]]:
+    """Each example packaged with its module defaults: archive, example inputs, the original's output."""
+    out = {}
+    tmp = tmp_path_factory.mktemp("examples")
+    for name in EXAMPLES:
+        mod = _module(name)
+        model = mod.build()
+        inputs = mod.example_inputs()
+        path = tmp / f"{name.split('.')[1]}.pt"
+        manifest = tp.save(model, path, example_inputs=inputs, dynamic=getattr(mod, "DYNAMIC", None))
+        assert name in manifest.interned_modules
+        with torch.no_grad():
+            out[name] = (path, inputs, _flat(model(*inputs)))
+    return out
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_round_trip_output_equals_the_original(name: str, packaged: dict) -> None:
+    path, inputs, want = packaged[name]
+    model = tp.load(path, verify=True)
+    got = _flat(model(*inputs))
+    assert len(got) == len(want) and all(torch.equal(g, w) for g, w in zip(got, want))
+    assert type(model).__module__.startswith("<torch_package_"), "the code comes from the archive"
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_factories_are_deterministic(name: str) -> None:
+    mod = _module(name)
+    a, b = mod.build().state_dict(), mod.build().state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], mod.build(seed=1).state_dict()[k]) for k in a)
+
+
+def test_example_sizes_and_signatures(packaged: dict) -> None:
+    resnet = tp.read_manifest(packaged["examples.resnet"][0])
+    assert 10e6 <= resnet.weight_bytes / 4 <= 25e6
+    assert [s.describe() for s in resnet.inputs] == ["images: float32[?, 3, 32, 32]"]
+    tagger = tp.read_manifest(packaged["examples.rnn_tagger"][0])
+    assert [s.describe() for s in tagger.inputs] == ["tokens: int64[?, ?]"]
+    assert [s.dtype for s in tagger.outputs] == ["float32", "int64"]
+    encoder = tp.read_manifest(packaged["examples.text_encoder"][0])
+    assert [s.describe() for s in encoder.inputs] == ["text: uint8[?, ?]"]
+
+
+def test_dynamic_dimensions_accept_other_sizes(packaged: dict) -> None:
+    text = _module("examples.text_encoder")
+    encoder = tp.load(packaged["examples.text_encoder"][0])
+    longer = text.encode_texts(["a much longer sentence than any of the examples, to change the length", "x"])
+    assert encoder(longer).shape == (2, 128)
+    tagger = tp.load(packaged["examples.rnn_tagger"][0])
+    scores, tags = tagger(torch.randint(2, 1000, (3, 7)))
+    assert scores.shape == (3, 7, 12) and tags.shape == (3, 7)
+
+
+def test_archives_load_in_an_interpreter_that_cannot_import_examples(packaged: dict, tmp_path: Path) -> None:
+    expected = tmp_path / "expected.pt"
+    torch.save({name: (str(p), inputs, want) for name, (p, inputs, want) in packaged.items()}, expected)
+    code = textwrap.dedent(f"""
+        import importlib.util, sys, torch
+        import tenfold.packaging as tp
+        from tenfold.runtime import InterpreterPool
+        assert importlib.util.find_spec("examples") is None, sys.path
+        cases = torch.load({str(expected)!r}, weights_only=False)
+        with InterpreterPool(1) as pool:
+            assert pool.submit(importlib.util.find_spec, "examples").result() is None
+            for name, (path, inputs, want) in cases.items():
+                with tp.replicate(pool, path) as model:
+                    out = model(*inputs)
+                    got = list(out) if isinstance(out, (tuple, list)) else [out]
+                    for g, w in zip(got, want, strict=True):
+                        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+                    print("OK", name)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["GLIBC_TUNABLES"] = "glibc.rtld.optional_static_tls=65536"
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert [line.split()[1] for line in run.stdout.splitlines() if line.startswith("OK")] == list(packaged)
+
+
+def test_cli_package_and_inspect(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "tagger.pt"
+    assert cli.main(["package", "examples.rnn_tagger:build", "-o", str(out)]) == 0
+    assert "RNNTagger (tokens: int64[?, ?])" in capsys.readouterr().out
+    assert cli.main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    for expected in ("signature (tokens: int64[?, ?])", "interned  examples.rnn_tagger", "extern    ", "12 storages",
+                     f"sha256    {tp.archive_sha256(out)}", "digest    ok"):
+        assert expected in text
+    explicit = tmp_path / "explicit.pt"
+    args = ["package", "examples.rnn_tagger:build", "-o", str(explicit), "--example-input", "2x10:int64",
+            "--dynamic", "tokens:0,1", "--name", "tagger"]
+    assert cli.main(args) == 0
+    m = tp.read_manifest(explicit)
+    assert m.name == "tagger" and m.inputs[0].shape == [None, None]
+
+
+def test_cli_reports_a_tampered_archive(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "t.pt"
+    assert cli.main(["package", "examples.rnn_tagger:build", "-o", str(out)]) == 0
+    data = bytearray(out.read_bytes())
+    data[data.index(b"GRUCell") + 1] ^= 1  # one byte of the interned source
+    out.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert cli.main(["inspect", str(out)]) == 1
+    assert "digest    FAILED" in capsys.readouterr().out
+
+
+def test_cli_from_torch_package_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
+    from torch.package import PackageExporter
+
+    monkeypatch.chdir(ROOT)
+    plain = tmp_path / "plain.pt"
+    rnn = _module("examples.rnn_tagger")
+    with PackageExporter(str(plain)) as exp:
+        exp.intern("examples.**")
+        exp.save_pickle("model", "model.pkl", rnn.build())
+    assert cli.main(["inspect", str(plain)]) == 0
+    assert "manifest  none" in capsys.readouterr().out
+    out = tmp_path / "wrapped.pt"
+    assert cli.main(["package", "--from-torch-package", str(plain), "--resource", "model/model.pkl",
+                     "--example-input", "1x5:int64", "-o", str(out)]) == 0
+    model = tp.load(out, verify=True)
+    tokens = rnn.example_inputs()[0]
+    assert all(torch.equal(a, b) for a, b in zip(model(tokens), rnn.build()(tokens)))
+    assert cli.main(["package", "examples.rnn_tagger:build", "-o", str(out), "--example-input", "2x3:nope"]) == 1
+    assert "unknown dtype 'nope'" in capsys.readouterr().err
+    assert cli.main(["package", "-o", str(out)]) == 2
+    assert cli.main(["inspect", str(tmp_path / "missing.pt")]) == 1
