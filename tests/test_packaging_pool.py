@@ -126,3 +126,9 @@ def test_four_interpreters_share_one_copy_of_200_mb(tmp_path: Path) -> None:
     assert touched["rss"] < 1.25 * weights, result
     assert touched["pss"] < 1.25 * weights, result
     assert result["delta"]["ran"]["rss"] < 1.25 * weights, result
+
+
+def test_replicate_on_the_threads_backend(archive: Path) -> None:
+    with InterpreterPool(2, backend="threads") as threads, tp.replicate(threads, archive) as model:
+        assert torch.equal(model(X), small()(X))
+        assert model.submit(X).result(timeout=60).shape == (3, 4)
