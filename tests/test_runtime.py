@@ -327,10 +327,14 @@ def test_ctrl_c_still_interrupts_the_host():
     )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "ready"
-    time.sleep(0.3)
-    proc.send_signal(2)
-    out, _ = proc.communicate(timeout=30)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(0.3)
+        proc.send_signal(2)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()  # never leave a spinning interpreter behind, whatever failed
+        proc.wait()
     assert "interrupted" in out and proc.returncode == 3
 
 
