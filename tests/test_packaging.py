@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import io
 import json
 import struct
@@ -415,4 +414,3 @@ def test_source_type_errors() -> None:
         tp.load(12345)
     with pytest.raises(FileNotFoundError, match="no such archive"):
         tp.load("/nonexistent/model.pt")
-    assert ctypes.sizeof(ctypes.c_void_p) == 8

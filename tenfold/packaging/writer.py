@@ -41,8 +41,9 @@ def save(
     """Package a model (or a zero-argument factory of one) as a torch.package archive at `path`.
 
     The model's own modules are interned (their source goes into the archive); `intern`, `extern` and
-    `mock` add torch.package patterns. The model is run once on `example_inputs` (a tensor or a tuple
-    of tensors): the input and output signatures and a reference output are recorded in the manifest.
+    `mock` add torch.package patterns (the caller's extern and mock take precedence). The model is put
+    in eval mode and run once on `example_inputs` (a tensor or a tuple of tensors): the input and output
+    signatures, a reference output, and any weight that run changed are recorded in the manifest.
     `dynamic` maps input names to the dimensions that may vary (default: dimension 0, the batch).
     `progress` is called with byte counts as weights are written and hashed.
     The archive is written next to `path` and moved there only once complete.
