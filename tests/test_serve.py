@@ -1,0 +1,357 @@
+"""tenfold.integration on a real local Ray Serve: HTTP (JSON, Arrow), handles, errors, batching, autoscaling."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import requests
+import torch
+
+from tenfold.integration import http
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _serve_models  # noqa: E402
+from _serve_models import RAISE, SLEEP, SPIN  # noqa: E402
+
+pytestmark = pytest.mark.ray
+
+REQUEST_TIMEOUT_S = 1.5
+MAX_REQUEST_BYTES = 64 * 1024
+
+
+def expected(x: list, k: list) -> tuple[np.ndarray, np.ndarray]:
+    with torch.no_grad():
+        y, k2 = _serve_models.Probe()(torch.tensor(x, dtype=torch.float32), torch.tensor(k))
+    return y.numpy(), k2.numpy()
+
+
+def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.25):  # noqa: ANN001, ANN201
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+def running_replicas(app: str, deployment: str = "probe") -> int:
+    from ray import serve
+
+    status = serve.status().applications.get(app)
+    if status is None or deployment not in status.deployments:
+        return 0
+    return status.deployments[deployment].replica_states.get("RUNNING", 0)
+
+
+@pytest.fixture(scope="module")
+def probe(serve_session, probe_archive: Path) -> Iterator[SimpleNamespace]:
+    from ray import serve
+
+    from tenfold.integration import app_builder
+
+    app = app_builder({
+        "archive": str(probe_archive),
+        "interpreters": 2,
+        "num_cpus": 0.5,
+        "request_timeout_s": REQUEST_TIMEOUT_S,
+        "max_request_bytes": MAX_REQUEST_BYTES,
+    })
+    handle = serve.run(app, name="probe", route_prefix="/probe")
+    yield SimpleNamespace(handle=handle, url=f"{serve_session.url}/probe")
+    serve.delete("probe")
+
+
+# -- calls that succeed ----------------------------------------------------------------------------
+
+
+def test_json_call_answers_the_models_outputs(probe: SimpleNamespace) -> None:
+    x, k = [[1.0, 2.0, 3.0, 4.0], [0.5, -1.0, 0.0, 2.0]], [3, 4]
+    r = requests.post(probe.url, json={"inputs": [x, k]}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith(http.JSON_TYPE)
+    y, k2 = r.json()["outputs"]
+    want_y, want_k = expected(x, k)
+    np.testing.assert_allclose(np.array(y, dtype=np.float32), want_y, rtol=1e-6)
+    assert k2 == want_k.tolist() == [6, 8]
+    # Inputs by name are the same call.
+    r = requests.post(probe.url, json={"inputs": {"k": k, "x": x}}, timeout=30)
+    assert r.status_code == 200 and r.json()["outputs"][1] == [6, 8]
+
+
+def test_arrow_call_answers_arrow(probe: SimpleNamespace) -> None:
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    k = np.array([1, 2, 3])
+    body = http.encode_arrow_inputs([x, k], ["x", "k"])
+    r = requests.post(probe.url, data=body, headers={"Content-Type": http.ARROW_TYPE}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == http.ARROW_TYPE
+    out = http.decode_arrow_outputs(r.content)
+    want_y, want_k = expected(x.tolist(), k.tolist())
+    assert list(out) == ["output_0", "output_1"]
+    np.testing.assert_allclose(out["output_0"], want_y, rtol=1e-6)
+    assert out["output_1"].tolist() == want_k.tolist()
+
+
+def test_manifest_and_stats_endpoints(probe: SimpleNamespace, probe_archive: Path) -> None:
+    from tenfold.packaging import archive_sha256
+
+    r = requests.get(f"{probe.url}/-/manifest", timeout=30)
+    assert r.status_code == 200
+    doc = r.json()
+    assert doc["manifest"]["name"] == "probe"
+    assert [i["name"] for i in doc["manifest"]["inputs"]] == ["x", "k"]
+    assert doc["sha256"] == archive_sha256(probe_archive)
+    assert doc["interpreters"] == 2 and doc["backend"] == "namespaces"
+    stats = requests.get(f"{probe.url}/-/stats", timeout=30).json()
+    assert stats["size"] == 2 and stats["healthy"] == 2
+
+
+def test_handle_calls_take_tensors_and_arrays(probe: SimpleNamespace) -> None:
+    x = [[1.0, 0.0, 0.0, 0.0]]
+    want_y, _ = expected(x, [5])
+    y, k2 = probe.handle.remote(torch.tensor(x), torch.tensor([5])).result(timeout_s=30)
+    assert isinstance(y, torch.Tensor)
+    np.testing.assert_allclose(y.numpy(), want_y, rtol=1e-6)
+    assert k2.tolist() == [10]
+    y, k2 = probe.handle.remote(np.array(x, dtype=np.float32), np.array([5])).result(timeout_s=30)
+    np.testing.assert_allclose(np.asarray(y), want_y, rtol=1e-6)
+    assert probe.handle.check_health.remote().result(timeout_s=30) is None
+
+
+def test_handle_calls_from_another_deployment(serve_session, probe_archive: Path) -> None:
+    from _serve_callers import Caller
+    from ray import serve
+
+    from tenfold.integration import app_builder
+
+    model = app_builder({"archive": str(probe_archive), "interpreters": 1, "num_cpus": 0.25, "name": "inner"})
+    handle = serve.run(Caller.bind(model), name="composed", route_prefix="/composed")
+    try:
+        x, k = [[0.0, 1.0, 2.0, 3.0]], [7]
+        y, k2 = handle.remote(x, k).result(timeout_s=60)
+        np.testing.assert_allclose(np.array(y, dtype=np.float32), expected(x, k)[0], rtol=1e-6)
+        assert k2 == [14]
+    finally:
+        serve.delete("composed")
+
+
+def test_concurrent_requests_run_in_both_interpreters(probe: SimpleNamespace) -> None:
+    before = requests.get(f"{probe.url}/-/stats", timeout=30).json()["interpreters"]
+    body = {"inputs": [[[SPIN, 30.0, 0.0, 0.0]], [1]]}
+    with ThreadPoolExecutor(4) as clients:  # bounded: 4 requests outstanding at most
+        codes = list(clients.map(lambda _: requests.post(probe.url, json=body, timeout=30).status_code, range(16)))
+    assert codes == [200] * 16
+    after = requests.get(f"{probe.url}/-/stats", timeout=30).json()["interpreters"]
+    served = [a["calls"] - b["calls"] for a, b in zip(after, before)]
+    assert sum(served) >= 16 and all(n > 0 for n in served), served
+
+
+# -- every error status ----------------------------------------------------------------------------
+
+ERRORS = [
+    # (method, path, content type, body, status, words in the message)
+    ("POST", "", http.JSON_TYPE, b"{not json", 400, "not valid JSON"),
+    ("POST", "", http.ARROW_TYPE, b"not an arrow stream", 400, "not an Arrow IPC stream"),
+    ("POST", "", http.JSON_TYPE, b'{"inputs": [[[1, 2, 3, 4]]]}', 422, "takes 2 input(s)"),
+    ("POST", "", http.JSON_TYPE, b'{"input": []}', 422, 'exactly the key "inputs"'),
+    ("POST", "", http.JSON_TYPE, b'{"inputs": [[[1, 2, 3]], [1]]}', 422, "input 0 (x) has shape [1, 3]"),
+    ("POST", "", http.JSON_TYPE, b'{"inputs": [[[1, 2, 3, 4]], [0.5]]}', 422, "input 1 (k) must be int64"),
+    ("POST", "", http.ARROW_TYPE, http.encode_arrow([np.zeros((1, 4)), np.zeros(1, np.int64)], ["x", "k"]), 422,
+     "does not convert safely to float32"),
+    ("POST", "", "text/csv", b"1,2,3", 415, "Content-Type 'text/csv' is not served"),
+    ("POST", "", http.JSON_TYPE, b" " * (MAX_REQUEST_BYTES + 1), 413, "over max_request_bytes"),
+    ("GET", "", None, None, 405, "POST inputs to /"),
+    ("POST", "/-/manifest", None, b"", 405, "GET /-/manifest"),
+    ("GET", "/nowhere", None, None, 404, "no route /nowhere"),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "media", "body", "status", "words"), ERRORS,
+                         ids=[f"{e[4]}-{e[5][:24]}" for e in ERRORS])
+def test_bad_requests_get_a_4xx_with_a_json_error(probe: SimpleNamespace, method: str, path: str,
+                                                   media: str | None, body: bytes | None, status: int,
+                                                   words: str) -> None:
+    headers = {"Content-Type": media} if media else {}
+    r = requests.request(method, probe.url + path, data=body, headers=headers, timeout=30)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["status"] == status and words in error["message"], error
+
+
+def test_an_oversized_streamed_body_is_refused_without_content_length(probe: SimpleNamespace) -> None:
+    chunks = (b" " * 8192 for _ in range(MAX_REQUEST_BYTES // 8192 + 2))  # chunked: no Content-Length
+    r = requests.post(probe.url, data=chunks, headers={"Content-Type": http.JSON_TYPE}, timeout=30)
+    assert r.status_code == 413 and "over max_request_bytes" in r.json()["error"]["message"]
+
+
+def test_model_exception_is_a_500_with_its_type_and_message_and_serving_goes_on(probe: SimpleNamespace) -> None:
+    for _ in range(3):  # more calls than interpreters: each one fails once at least
+        r = requests.post(probe.url, json={"inputs": [[[RAISE, 0, 0, 0]], [1]]}, timeout=30)
+        assert r.status_code == 500
+        error = r.json()["error"]
+        assert error["type"] == "ModelError" and error["message"] == "ValueError: probe refuses -1000"
+    for _ in range(4):
+        r = requests.post(probe.url, json={"inputs": [[[1, 2, 3, 4]], [1]]}, timeout=30)
+        assert r.status_code == 200 and r.json()["outputs"][1] == [2]
+
+
+def test_a_call_past_request_timeout_is_a_504(probe: SimpleNamespace) -> None:
+    t0 = time.monotonic()
+    r = requests.post(probe.url, json={"inputs": [[[SLEEP, 2 * REQUEST_TIMEOUT_S, 0, 0]], [1]]}, timeout=30)
+    elapsed = time.monotonic() - t0
+    assert r.status_code == 504, r.text
+    assert r.json()["error"]["type"] == "Timeout" and "request_timeout_s (1.5 s)" in r.json()["error"]["message"]
+    assert REQUEST_TIMEOUT_S <= elapsed < REQUEST_TIMEOUT_S + 1.0
+    r = requests.post(probe.url, json={"inputs": [[[1, 2, 3, 4]], [1]]}, timeout=30)
+    assert r.status_code == 200
+
+
+def test_handle_errors_name_the_problem(probe: SimpleNamespace) -> None:
+    with pytest.raises(Exception, match=r"input 0 \('x'\) has size 5 in dim 1"):
+        probe.handle.remote(torch.zeros(1, 5), torch.zeros(1, dtype=torch.int64)).result(timeout_s=30)
+    with pytest.raises(Exception, match="probe refuses"):
+        probe.handle.remote(torch.tensor([[RAISE, 0, 0, 0]]), torch.tensor([1])).result(timeout_s=30)
+
+
+# -- deploy-time checks ----------------------------------------------------------------------------
+
+
+def test_deploy_refuses_a_wrong_pin_a_missing_file_and_an_unpinned_archive(probe_archive: Path) -> None:
+    from pydantic import ValidationError
+
+    from tenfold.integration import DeployError, app_builder
+    from tenfold.packaging import archive_sha256
+
+    actual = archive_sha256(probe_archive)
+    with pytest.raises(DeployError) as info:
+        app_builder({"archive": str(probe_archive), "sha256": "0" * 64})
+    assert str(probe_archive) in str(info.value) and actual in str(info.value) and "0" * 64 in str(info.value)
+    with pytest.raises(DeployError, match="not found"):
+        app_builder({"archive": str(probe_archive.with_name("missing.pt"))})
+    with pytest.raises(ValidationError, match="require_sha256 is set but no sha256 is pinned"):
+        app_builder({"archive": str(probe_archive), "require_sha256": True})
+
+
+def test_batching_needs_a_batch_dimension(tmp_path: Path) -> None:
+    from tenfold.integration import DeployError, app_builder
+    from tenfold.packaging import save
+
+    fixed = tmp_path / "fixed.pt"
+    save(_serve_models.probe, fixed, example_inputs=_serve_models.example_inputs(), dynamic={"x": [], "k": []})
+    with pytest.raises(DeployError, match=r"max_batch_size needs a dynamic first .* x: float32\[2, 4\]"):
+        app_builder({"archive": str(fixed), "max_batch_size": 4})
+
+
+# -- batching --------------------------------------------------------------------------------------
+
+
+def test_dynamic_batching_joins_requests_and_splits_answers(serve_session, probe_archive: Path) -> None:
+    from ray import serve
+
+    from tenfold.integration import app_builder
+
+    app = app_builder({"archive": str(probe_archive), "interpreters": 1, "num_cpus": 0.25, "max_batch_size": 8,
+                       "batch_wait_timeout_s": 0.2, "name": "probe"})
+    serve.run(app, name="batched", route_prefix="/batched")
+    url = f"{serve_session.url}/batched"
+    try:
+        requests_ = [([[float(i), 1.0, 2.0, 3.0], [0.0, float(i), 0.0, 0.0]], [i, -i]) for i in range(8)]
+        barrier = threading.Barrier(8)
+
+        def call(item: tuple) -> requests.Response:
+            barrier.wait()
+            return requests.post(url, json={"inputs": list(item)}, timeout=30)
+
+        with ThreadPoolExecutor(8) as clients:
+            answers = list(clients.map(call, requests_))
+        for (x, k), r in zip(requests_, answers):
+            assert r.status_code == 200, r.text
+            y, k2 = r.json()["outputs"]
+            np.testing.assert_allclose(np.array(y, dtype=np.float32), expected(x, k)[0], rtol=1e-6)
+            assert k2 == [2 * v for v in k]
+        stats = requests.get(f"{url}/-/stats", timeout=30).json()
+        assert stats["calls"] < 8, stats  # fewer model calls than requests: they were joined
+        r = requests.post(url, json={"inputs": [[[1, 2, 3, 4]], [1, 2]]}, timeout=30)
+        assert r.status_code == 422 and "same first (batch) dimension" in r.json()["error"]["message"]
+    finally:
+        serve.delete("batched")
+
+
+# -- autoscaling, and the archive from the object store --------------------------------------------
+
+
+def test_autoscaling_follows_interpreter_utilization_from_the_object_store(serve_session, probe_archive: Path,
+                                                                          tmp_path: Path) -> None:
+    from ray import serve
+
+    from tenfold.integration import app_builder
+
+    archive = tmp_path / "scaling.pt"
+    shutil.copy(probe_archive, archive)
+    app = app_builder({
+        "archive": str(archive),
+        "interpreters": 1,
+        "num_cpus": 0.25,
+        "autoscaling": {"min_replicas": 1, "max_replicas": 3, "target_utilization": 0.5, "upscale_delay_s": 1.0,
+                        "downscale_delay_s": 3.0, "look_back_period_s": 2.0},
+    })
+    serve.run(app, name="scaling", route_prefix="/scaling")
+    archive.unlink()  # from here on, replicas can only get the archive from the object store
+    url = f"{serve_session.url}/scaling"
+    stop = threading.Event()
+    pids: set[int] = set()
+    failures: list[str] = []
+
+    def client() -> None:  # one request outstanding per client: the load is bounded
+        body = {"inputs": [[[SPIN, 40.0, 0.0, 0.0]], [1]]}
+        while not stop.is_set():
+            r = requests.post(url, json=body, timeout=60)
+            if r.status_code != 200:
+                failures.append(r.text)
+
+    try:
+        assert running_replicas("scaling") == 1
+        with ThreadPoolExecutor(6) as clients:
+            for _ in range(6):
+                clients.submit(client)
+            try:
+                wait_for(lambda: running_replicas("scaling") >= 2, 90, "a scale-up under load")
+                # New replicas serve: they resolved the archive from the object store (the file is gone).
+                deadline = time.monotonic() + 30
+                while len(pids) < 2 and time.monotonic() < deadline:
+                    pids.add(requests.get(f"{url}/-/stats", timeout=30).json()["pid"])
+            finally:
+                stop.set()
+        assert not failures, failures[:3]
+        assert len(pids) >= 2, pids
+        wait_for(lambda: running_replicas("scaling") == 1, 90, "a scale-down once idle")
+    finally:
+        stop.set()
+        serve.delete("scaling")
+
+
+def test_replica_metrics_reach_prometheus(probe: SimpleNamespace) -> None:
+    import ray
+
+    for _ in range(3):
+        requests.post(probe.url, json={"inputs": [[[1, 2, 3, 4]], [1]]}, timeout=30)
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    names = ("tenfold_request_latency_ms", "tenfold_interpreter_utilization", "tenfold_queue_depth")
+
+    def exported() -> bool:
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        return all(n in text for n in names)
+
+    wait_for(exported, 60, f"{names} on the metrics endpoint", interval_s=2.0)
+
