@@ -5,12 +5,14 @@ Shared weights are read-only, enforced in three layers:
 1. Before anything is shared: `save` runs the model once and records in the manifest any weight the
    run changed (compared byte for byte, whatever alias wrote it); `load` refuses such an archive with
    SharedWeightWrite unless `copy_weights=True`.
-2. At inference: weights are loaded as torch *inference tensors* and every call of the model runs with
-   inference mode off, so an in-place op on a weight (`w.add_()`, `w[0] = ...`, `out=w`, `w.copy_()`)
-   raises. torch checks after the kernel ran, so the bytes may already have changed: `replicate` turns
-   the error into SharedWeightWrite and refuses every later call of that model in every interpreter.
-3. A path source is mapped read-only: a write there faults (the process stops) rather than change the
-   weights; aliases torch does not guard (`w.data`, `w.detach()`, `w.numpy()`) meet the same fault.
+2. At inference, from a buffer source: weights are loaded as torch *inference tensors* and every call
+   of the model runs with inference mode off, so an in-place op on a weight (`w.add_()`, `w[0] = ...`,
+   `out=w`, `w.copy_()`) raises. torch checks after the kernel ran, so the bytes may already have
+   changed: `replicate` turns the error into SharedWeightWrite and refuses every later call of that
+   model in every interpreter.
+3. A path source is mapped read-only: any write into a weight, through any alias (`w.data`,
+   `w.detach()`, `w.numpy()` included), faults and stops the process before it can change what other
+   interpreters see. Layer 1 keeps models known to write away from this.
 
 `copy_weights=True` gives private, writable copies instead (one copy per load).
 """
@@ -340,26 +342,38 @@ def _unpickle(archive: Archive, entry: str, copy_weights: bool) -> Any:
 
 
 _guard = threading.local()
+_inference_mode_enabled: Any = None
 
 
 def _guard_enter(module: Any, args: Any) -> None:
-    import torch
-
     # Inference tensors refuse in-place updates only outside inference mode, so a caller's
-    # inference_mode() must not reach the model's forward.
-    ctx = torch.inference_mode(False)
-    ctx.__enter__()
-    stack = getattr(_guard, "stack", None)
-    if stack is None:
-        stack = _guard.stack = []
-    stack.append(ctx)
+    # inference_mode() must not reach the model's forward. Most callers are not in inference mode:
+    # that path only records that there is nothing to undo.
+    global _inference_mode_enabled
+    if _inference_mode_enabled is None:
+        import torch
+
+        _inference_mode_enabled = torch.is_inference_mode_enabled
+    ctx = None
+    if _inference_mode_enabled():
+        import torch
+
+        ctx = torch._C._InferenceMode(False)  # what torch.inference_mode(False) enters, without its wrapper
+        ctx.__enter__()
+    try:
+        _guard.stack.append(ctx)
+    except AttributeError:
+        _guard.stack = [ctx]
 
 
 def _guard_exit(module: Any, args: Any, output: Any) -> None:
-    exc = sys.exc_info()[1]
-    if exc is not None and is_shared_write(exc) and hasattr(exc, "add_note"):
-        if SHARED_WRITE_HINT not in getattr(exc, "__notes__", ()):
-            exc.add_note(SHARED_WRITE_HINT)
+    if output is None:  # an always_call hook after forward raised (a model returning None is refused at save)
+        exc = sys.exc_info()[1]
+        if exc is not None and is_shared_write(exc) and hasattr(exc, "add_note"):
+            if SHARED_WRITE_HINT not in getattr(exc, "__notes__", ()):
+                exc.add_note(SHARED_WRITE_HINT)
     stack = getattr(_guard, "stack", None)
     if stack:
-        stack.pop().__exit__(None, None, None)
+        ctx = stack.pop()
+        if ctx is not None:
+            ctx.__exit__(None, None, None)
