@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -209,3 +210,19 @@ def test_bad_arrow_is_a_4xx_naming_the_problem() -> None:
 def test_outputs_of_different_lengths_cannot_share_an_arrow_table() -> None:
     with pytest.raises(http.HTTPError, match="different first dimensions"):
         http.encode_arrow([np.zeros(2), np.zeros(3)], ["a", "b"])
+
+
+# -- configs/ --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config", sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_config_is_a_valid_serve_config_with_valid_app_args(config: Path) -> None:
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(config.read_text()))
+    for app in schema.applications:
+        assert app.import_path == "tenfold.integration:app_builder"
+        args = AppArgs.model_validate(app.args)
+        assert args.archive.startswith("build/")
