@@ -46,12 +46,12 @@ def _archive_for(model: str) -> tuple[Path, str | None]:
         return Path(model), None
     root = _repo_root() or Path.cwd()
     archive = root / "build" / f"{model}.pt"
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))  # where `examples` lives
     if not archive.exists():
         from tenfold.cli import main as tenfold_main
 
         archive.parent.mkdir(parents=True, exist_ok=True)
-        if str(root) not in sys.path:
-            sys.path.insert(0, str(root))
         print(f"packaging examples.{model} -> {archive}", flush=True)
         code = tenfold_main(["package", f"examples.{model}:build", "-o", str(archive)])
         if code:
