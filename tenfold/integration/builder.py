@@ -11,6 +11,7 @@ from typing import Any
 import ray
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import BackpressureConfig
 
 from .archives import put_archive
 from .config import AppArgs
@@ -58,6 +59,8 @@ def _deployment_options(args: AppArgs, name: str) -> dict[str, Any]:
         "ray_actor_options": {"num_cpus": args.replica_num_cpus, "runtime_env": {"env_vars": env}},
         "max_ongoing_requests": args.replica_max_ongoing_requests,
         "max_queued_requests": args.max_queued_requests,
+        # Requests refused past max_queued_requests: a 503 that tells the caller when to come back.
+        "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=args.retry_after_s),
         "health_check_period_s": args.health_check_period_s,
         "health_check_timeout_s": args.health_check_timeout_s,
     }

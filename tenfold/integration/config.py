@@ -81,6 +81,7 @@ class AppArgs(BaseModel):
     max_queued_requests: int = Field(
         -1, ge=-1, description="Requests each caller may queue beyond that before a 503 (-1: unbounded)."
     )
+    retry_after_s: PositiveFloat = Field(1.0, description="Retry-After of a 503 sent past max_queued_requests.")
     max_batch_size: PositiveInt | None = Field(
         None, description="Dynamic batching: join up to this many requests along dimension 0 (default: off)."
     )
