@@ -1,0 +1,71 @@
+"""Models the reliability tests package with tenfold.packaging.save (this module's source goes into the
+archive). Each serves `Healthy`'s answer unless its first value is its trigger, which makes it fail in
+one way: a pure-Python loop that never ends, a sleep in native code, or a segfault of its process."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+HANG = 4242.0  # Hang: x[0, 0] == HANG loops in Python forever
+SLEEP = 9999.0  # NativeSleep: x[0, 0] == SLEEP sleeps x[0, 1] seconds inside time.sleep (native code)
+CRASH = 6666.0  # Crash: x[0, 0] == CRASH dereferences NULL (the process dies of SIGSEGV)
+
+
+class Healthy(torch.nn.Module):
+    """(x: float32[?, 4]) -> linear(x): float32[?, 3], with fixed weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.linear = torch.nn.Linear(4, 3)
+        with torch.no_grad():
+            self.linear.weight.copy_(torch.randn(3, 4, generator=g))
+            self.linear.bias.copy_(torch.randn(3, generator=g))
+
+    def trigger(self, x: torch.Tensor) -> float:
+        return float(x[0, 0]) if x.shape[0] else 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+
+class Hang(Healthy):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.trigger(x) == HANG:
+            n = 0
+            while True:  # only an exception raised inside the interpreter ends this
+                n += 1
+        return self.linear(x)
+
+
+class NativeSleep(Healthy):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.trigger(x) == SLEEP:
+            time.sleep(float(x[0, 1]))  # the interpreter's eval loop does not run: no interrupt lands
+        return self.linear(x)
+
+
+class Crash(Healthy):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.trigger(x) == CRASH:
+            import ctypes
+
+            ctypes.string_at(0)  # SIGSEGV in native code: the whole replica process dies
+        if self.trigger(x) == SLEEP:
+            time.sleep(float(x[0, 1]))
+        return self.linear(x)
+
+
+MODELS = {"healthy": Healthy, "hang": Hang, "native_sleep": NativeSleep, "crash": Crash}
+
+
+def example_inputs() -> tuple[torch.Tensor]:
+    return (torch.zeros(2, 4),)
+
+
+def expected(x: list[list[float]]) -> list[list[float]]:
+    """What every one of these models answers for `x` when no trigger is set."""
+    with torch.no_grad():
+        return Healthy()(torch.tensor(x, dtype=torch.float32)).tolist()
