@@ -105,9 +105,7 @@ class SoakReport:
             f"{self.duration_s:.1f} s ({self.requests / max(self.duration_s, 1e-9):,.0f} req/s)",
             f"{'requests':>10}{'elapsed s':>11}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}{'RSS MiB':>10}",
         ]
-        for s in self.samples:
-            lines.append(f"{s.requests:>10,}{s.elapsed_s:>11.1f}{s.requests_per_s:>9,.0f}{s.p50_ms:>9.2f}"
-                         f"{s.p99_ms:>9.2f}{s.errors:>8}{s.rss_bytes / 2**20:>10.1f}")
+        lines += [_row(s) for s in self.samples]
         lines.append(
             f"errors {self.errors}; p50 {self.p50_ms:.2f} ms, p99 {self.p99_ms:.2f} ms; RSS after warm-up "
             f"({self.warmup_requests:,} requests) {self.baseline_rss_bytes / 2**20:.1f} MiB, growth "
@@ -139,6 +137,11 @@ class SoakReport:
         fig.tight_layout()
         fig.savefig(path, dpi=100)
         plt.close(fig)
+
+
+def _row(s: Sample) -> str:
+    return (f"{s.requests:>10,}{s.elapsed_s:>11.1f}{s.requests_per_s:>9,.0f}{s.p50_ms:>9.2f}{s.p99_ms:>9.2f}"
+            f"{s.errors:>8}{s.rss_bytes / 2**20:>10.1f}")
 
 
 def process_rss(pid: int) -> int:
@@ -193,12 +196,13 @@ def run_soak(
     rss: Callable[[], int],
     warmup_requests: int | None = None,
     timeout_s: float = 60.0,
+    on_sample: Callable[[Sample], Any] | None = None,
 ) -> SoakReport:
     """Send `requests` POSTs to `url` from `concurrency` threads (one outstanding each), cycling `bodies`.
 
     An error is any answer but a 200 whose body equals the body's `expected` (when set), or a failed
     connection. `rss()` is read every `sample_every` completed requests; the warm-up (default: the first
-    window) ends the RSS baseline.
+    window) ends the RSS baseline. `on_sample` is called with each sample as it is taken (progress).
     """
     import requests as http_client
 
@@ -209,6 +213,7 @@ def run_soak(
     warmup = sample_every if warmup_requests is None else warmup_requests
     lock = threading.Lock()
     next_index = 0
+    stop = threading.Event()
     latencies: list[float] = []  # in completion order
     failed: list[bool] = []
     examples: list[str] = []
@@ -227,6 +232,8 @@ def run_soak(
             p50_ms=float(np.percentile(window, 50)), p99_ms=float(np.percentile(window, 99)),
             errors=int(sum(failed[done - sample_every:done])), requests_per_s=rate,
         ))
+        if on_sample is not None:
+            on_sample(samples[-1])
 
     def worker() -> None:
         nonlocal next_index
@@ -234,7 +241,7 @@ def run_soak(
             while True:
                 with lock:
                     i = next_index
-                    if i >= requests:
+                    if i >= requests or stop.is_set():
                         return
                     next_index += 1
                 b = bodies[i % len(bodies)]
@@ -261,8 +268,15 @@ def run_soak(
     threads = [threading.Thread(target=worker, name=f"soak-client-{n}", daemon=True) for n in range(concurrency)]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join()
+    try:
+        for t in threads:
+            while t.is_alive():  # a timed join, so that Ctrl-C reaches this thread
+                t.join(0.5)
+    except BaseException:
+        stop.set()  # clients finish their current request and stop: nothing keeps loading the replica
+        for t in threads:
+            t.join(timeout_s)
+        raise
     duration = time.perf_counter() - t0
     all_ms = np.array(latencies) * 1000.0
     return SoakReport(
@@ -329,7 +343,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"soak: {args.requests:,} requests, {args.concurrency} clients, replica pid {pid}", flush=True)
         report = run_soak(url, bodies, requests=args.requests, concurrency=args.concurrency,
                           sample_every=args.sample_every, warmup_requests=args.warmup,
-                          rss=lambda: process_rss(pid))
+                          rss=lambda: process_rss(pid), on_sample=lambda s: print(_row(s), flush=True))
     finally:
         try:
             serve.shutdown()
