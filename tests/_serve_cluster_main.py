@@ -22,28 +22,39 @@ def main(archive: str) -> None:
         serve.start(http_options={"host": "127.0.0.1", "port": 0})
         from tenfold.integration import app_builder
 
-        # One CPU per replica and one per node: each node hosts exactly one replica.
-        app = app_builder({"archive": archive, "interpreters": 1, "num_cpus": 1, "num_replicas": 2})
+        # One CPU per replica and one per node: each node hosts exactly one replica. No health pings
+        # during the run, so that a replica's call count is its inferences (plus its one load).
+        app = app_builder({"archive": archive, "interpreters": 1, "num_cpus": 1, "num_replicas": 2,
+                           "health_check_period_s": 60})
         handle = serve.run(app, name="two-nodes", route_prefix="/")
         x, k = torch.arange(40, dtype=torch.float32).reshape(10, 4), torch.arange(10)
+
+        def replicas() -> dict[int, dict]:
+            """pid -> node and call count of every replica (asked until both have answered)."""
+            nodes: dict[int, str] = {}
+            calls: dict[int, int] = {}
+            for _ in range(400):
+                info = handle.manifest.remote().result(timeout_s=60)
+                nodes[info["pid"]] = info["node_id"]
+                stats = handle.stats.remote().result(timeout_s=60)
+                calls[stats["pid"]] = stats["calls"]
+                if len(nodes) == 2 and len(calls) == 2:
+                    break
+            return {pid: {"node_id": nodes.get(pid), "calls": calls.get(pid)} for pid in set(nodes) | set(calls)}
 
         def call(_: int) -> list:
             y, k2 = handle.remote(x, k).result(timeout_s=60)
             return [y.tolist(), k2.tolist()]
 
+        before = replicas()
         with ThreadPoolExecutor(4) as callers:
             outputs = list(callers.map(call, range(40)))
-        replicas: dict[int, dict] = {}
-        for _ in range(200):
-            info = handle.manifest.remote().result(timeout_s=60)
-            stats = handle.stats.remote().result(timeout_s=60)
-            replicas[info["pid"]] = {"node_id": info["node_id"], "calls": stats["calls"]}
-            if len(replicas) == 2:
-                break
+        after = replicas()
         print(json.dumps({
             "head_node": ray.get_runtime_context().get_node_id(),
             "worker_node": worker.node_id,
-            "replicas": list(replicas.values()),
+            "replicas": [{"node_id": r["node_id"], "served": r["calls"] - before[pid]["calls"]}
+                         for pid, r in after.items()],
             "distinct_outputs": len({json.dumps(o) for o in outputs}),
             "output": outputs[0],
         }))

@@ -41,11 +41,11 @@ def test_a_replica_on_a_second_node_serves_the_same_archive(probe_archive: Path,
     done = subprocess.run([sys.executable, str(TESTS / "_serve_cluster_main.py"), str(probe_archive)],
                           capture_output=True, text=True, timeout=420, env=_env(), cwd=tmp_path)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    assert done.returncode == 0 and lines, done.stderr[-3000:]
+    assert done.returncode == 0 and lines, (done.stdout[-2000:], done.stderr[-3000:])
     found = json.loads(lines[-1])
     nodes = {r["node_id"] for r in found["replicas"]}
     assert nodes == {found["head_node"], found["worker_node"]}, found
-    assert all(r["calls"] >= 5 for r in found["replicas"]), found  # both served inference, not just loaded
+    assert all(r["served"] >= 1 for r in found["replicas"]), found  # both served inference, not just loaded
     x, k = torch.arange(40, dtype=torch.float32).reshape(10, 4), torch.arange(10)
     want_y, want_k = _expected(x, k)
     assert found["distinct_outputs"] == 1
