@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import uuid
+import weakref
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +41,7 @@ class ReplicatedModel:
         self._closed = False
         self._poisoned: SharedWeightWrite | None = None
         self._lock = threading.Lock()
+        self._calls: weakref.WeakKeyDictionary[Future, Future] = weakref.WeakKeyDictionary()  # ours -> the pool's
         self.manifest = manifest
 
     def check_inputs(self, inputs: tuple[Any, ...] | list[Any]) -> None:
@@ -59,10 +61,26 @@ class ReplicatedModel:
         self.check_inputs(inputs)
         outer: Future = Future()
         inner = self._pool.submit(_run, self._id, inputs)
+        self._calls[outer] = inner
         inner.add_done_callback(lambda f: self._settle(outer, f))
         return outer
 
+    def interrupt(self, future: Future, *, grace_s: float = 1.0) -> bool:
+        """Stop the call behind `future` (from `submit`), e.g. past a deadline; see `InterpreterPool.interrupt`.
+
+        A queued call is cancelled; a running one gets TimeoutError raised in its interpreter, and `future`
+        fails with it. Returns True once that interpreter is free again, False if it was marked lost (the
+        call is stuck in native code; `future` then fails with InterpreterLost).
+        """
+        inner = self._calls.get(future)
+        if inner is None:
+            return future.done()
+        return self._pool.interrupt(inner, grace_s=grace_s)
+
     def _settle(self, outer: Future, inner: Future) -> None:
+        if inner.cancelled():  # by interrupt() while still queued
+            outer.cancel()
+            return
         exc = inner.exception()
         if exc is None:
             outer.set_result(inner.result())
