@@ -20,7 +20,7 @@ from tenfold.integration import http
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _serve_models  # noqa: E402
-from _serve_models import RAISE, SLEEP, SPIN  # noqa: E402
+from _serve_models import RAISE, SPIN  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -207,14 +207,21 @@ def test_model_exception_is_a_500_with_its_type_and_message_and_serving_goes_on(
 
 
 def test_a_call_past_request_timeout_is_a_504(probe: SimpleNamespace) -> None:
+    errors_before = requests.get(f"{probe.url}/-/stats", timeout=30).json()["errors"]
     t0 = time.monotonic()
-    r = requests.post(probe.url, json={"inputs": [[[SLEEP, 2 * REQUEST_TIMEOUT_S, 0, 0]], [1]]}, timeout=30)
+    # A pure-Python loop: the interrupt after the deadline stops it inside its interpreter.
+    r = requests.post(probe.url, json={"inputs": [[[SPIN, 3000 * REQUEST_TIMEOUT_S, 0, 0]], [1]]}, timeout=30)
     elapsed = time.monotonic() - t0
     assert r.status_code == 504, r.text
     assert r.json()["error"]["type"] == "Timeout" and "request_timeout_s (1.5 s)" in r.json()["error"]["message"]
     assert REQUEST_TIMEOUT_S <= elapsed < REQUEST_TIMEOUT_S + 1.0
     r = requests.post(probe.url, json={"inputs": [[[1, 2, 3, 4]], [1]]}, timeout=30)
     assert r.status_code == 200
+    # Interrupted, the loop failed with TimeoutError inside its interpreter (else it would spin on for 3 s
+    # more and succeed), and that interpreter stays in service.
+    stats = wait_for(lambda: (s := requests.get(f"{probe.url}/-/stats", timeout=30).json())["errors"]
+                     == errors_before + 1 and s, 2.0, "the interrupted call to fail in its interpreter")
+    assert stats["healthy"] == 2
 
 
 def test_handle_errors_name_the_problem(probe: SimpleNamespace) -> None:

@@ -87,6 +87,10 @@ class AppArgs(BaseModel):
     )
     batch_wait_timeout_s: NonNegativeFloat = Field(0.005, description="How long a batch waits to fill up.")
     request_timeout_s: PositiveFloat | None = Field(30.0, description="A call running longer answers 504.")
+    interrupt_grace_s: PositiveFloat = Field(
+        1.0, description="How long a timed-out call may take to stop once interrupted before its interpreter is "
+        "declared lost (stuck in native code)."
+    )
     max_request_bytes: PositiveInt = Field(
         DEFAULT_MAX_REQUEST_BYTES, description="A larger request body is refused with 413 before it is parsed."
     )

@@ -161,18 +161,32 @@ class TenfoldModel:
             if len(rows) != 1 or rows == {()}:
                 raise http.InvalidInput("with batching, every input needs the same first (batch) dimension; "
                                         f"got shapes {[list(getattr(v, 'shape', ())) for v in inputs]}")
+            future = None  # a batch is shared by several requests: one caller's deadline cannot stop it
             call = asyncio.ensure_future(self._batched(inputs))
         else:
-            call = asyncio.wrap_future(self._model.submit(*inputs))
+            future = self._model.submit(*inputs)
+            call = asyncio.wrap_future(future)
         timeout = self._args.request_timeout_s
         if timeout is None:
             return await call
         try:
-            # Shielded: a timed-out call finishes (or fails) on its own; nobody is left to read it.
+            # Shielded: the call is stopped by an interrupt below, not by cancelling what awaits it.
             return await asyncio.wait_for(asyncio.shield(call), timeout)
         except asyncio.TimeoutError:
             call.add_done_callback(_forget)
+            if future is not None:
+                # Off the event loop: the interrupt waits up to interrupt_grace_s for the interpreter.
+                asyncio.get_running_loop().run_in_executor(None, self._interrupt, future)
             raise RequestTimeout(f"the call took longer than request_timeout_s ({timeout:g} s)") from None
+
+    def _interrupt(self, future: Any) -> None:
+        """Free the interpreter of a timed-out call: cancelled if queued, TimeoutError raised in it if
+        running, the interpreter declared lost if it does not return (stuck in native code)."""
+        try:
+            self._model.interrupt(future, grace_s=self._args.interrupt_grace_s)
+        except Exception:  # noqa: BLE001 - the caller has its 504 already; this must not go unseen
+            _logger.exception("interrupting a timed-out call failed")
+        self._metrics.observe_pool(self._pool.stats())
 
     async def _run_batch(self, batch: list[list[Any]]) -> list[Any]:
         """One model call for several requests: inputs joined along dimension 0, outputs split back."""
