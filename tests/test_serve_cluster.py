@@ -97,3 +97,41 @@ def test_serve_run_of_a_yaml_config_answers_http(probe_archive: Path, tmp_path: 
         finally:
             log.close()
     assert code == 0, (tmp_path / "serve.log").read_text()[-3000:]
+
+
+def test_tenfold_serve_serves_an_archive_prints_how_to_call_it_and_stops_on_ctrl_c(probe_archive: Path,
+                                                                                 tmp_path: Path) -> None:
+    from conftest import free_port
+
+    port = free_port()
+    archive = tmp_path / "probe.pt"
+    archive.write_bytes(probe_archive.read_bytes())
+    log_path = tmp_path / "tenfold-serve.log"
+    log = log_path.open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "tenfold", "serve", str(archive), "--interpreters", "1",
+                             "--port", str(port)], cwd=tmp_path, env=_env(), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while "Ctrl-C stops serving" not in log_path.read_text() and proc.poll() is None:
+            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(1.0)
+        printed = log_path.read_text()
+        assert proc.poll() is None, printed[-3000:]
+        request_file = tmp_path / "probe.request.json"  # the body the printed curl command sends
+        assert f"-d @{request_file}" in printed and "serve.get_app_handle('probe')" in printed
+        r = requests.post(f"http://127.0.0.1:{port}/", data=request_file.read_bytes(),
+                          headers={"Content-Type": "application/json"}, timeout=30)
+        assert r.status_code == 200, r.text
+        assert [len(o) for o in r.json()["outputs"]] == [1, 1]  # the printed request is one valid row
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            code = proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+        finally:
+            log.close()
+    assert code == 0, log_path.read_text()[-3000:]
+    assert "stopping: draining replicas" in log_path.read_text()
