@@ -17,9 +17,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 MAX_RSS_GROWTH = 0.05  # the issue's bar: < 5 % after warm-up
 
@@ -164,6 +165,8 @@ def replica_pid(url: str) -> int:
 
 def requests_for(inputs: Sequence[np.ndarray], names: Sequence[str]) -> list[SoakRequest]:
     """A JSON and an Arrow request body for the same `inputs` (the model's positional inputs)."""
+    import numpy as np
+
     from . import http
 
     body = json.dumps({"inputs": [np.asarray(v).tolist() for v in inputs]}).encode()
@@ -220,6 +223,8 @@ def run_soak(
     samples: list[Sample] = []
     t0 = time.perf_counter()
     last_sample = [t0, 0]
+
+    import numpy as np
 
     def take_sample(done: int) -> None:
         # Called with `lock` held by the thread whose request completed the window.
@@ -320,6 +325,7 @@ def add_command(bench: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    import numpy as np
     import ray
     from ray import serve
 
