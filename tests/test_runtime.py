@@ -409,3 +409,14 @@ def test_a_pool_dropped_without_shutdown_gives_its_interpreters_back():
     while interpreters_parked() < parked + 2 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert interpreters_parked() == parked + 2
+
+
+def test_no_reference_outlives_the_call_when_torch_is_imported_in_the_host(ns_pool):
+    import torch  # noqa: F401 - with torch loaded, tensors get their own reducer (another pickling path)
+
+    box = funcs.Box(6)
+    ref = weakref.ref(box)
+    assert ns_pool.submit(funcs.unbox, box).result() == 6
+    del box
+    gc.collect()
+    assert ref() is None

@@ -153,7 +153,6 @@ class Encoder:
         out, pickler = self._out, self._pickler
         out.seek(0)
         out.truncate()
-        pickler.clear_memo()
         try:
             pickler.dump(obj)
             buffers = self._buffers[:]
@@ -162,6 +161,7 @@ class Encoder:
             raise
         finally:
             self._buffers.clear()
+            pickler.clear_memo()  # the memo holds every object it pickled: never past the call
         return out.getvalue(), buffers
 
 
