@@ -78,11 +78,12 @@ def _handle(addr: int) -> int:
         err = TypeError(f"the result of type {type(result).__name__} cannot be sent back: {exc}")
         data, pbufs = encoder.dumps(RemoteFailure(err))
         status = w.STATUS_ERROR
-    del result
     size = len(data)
     if pbufs:
         descs, views = w.describe(pbufs, _state["address"])
-        _state["keep"] = (data, descs, views, pbufs)
+        # The out-of-band buffers point into the result's own memory (a tensor's storage) without owning
+        # it: the result must live until the host has copied them (OP_RELEASE drops `keep`).
+        _state["keep"] = (data, descs, views, pbufs, result)
         slots[w.RESULT_BUFFERS] = ctypes.addressof(descs)
         slots[w.NRESULT_BUFFERS] = len(views)
     else:
@@ -93,6 +94,7 @@ def _handle(addr: int) -> int:
     else:
         _state["keep"] = (data, _state.get("keep"))
         slots[w.RESULT] = w.bytes_address(data)
+    del result
     slots[w.STATUS] = status
     slots[w.RESULT_SIZE] = size
     return 0
