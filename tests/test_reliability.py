@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -122,6 +123,22 @@ def test_replicated_model_interrupt_cancels_a_queued_call_and_stops_a_running_lo
         assert pool.healthy == 1 and pool.stats().errors == 1
 
 
+def test_results_come_back_intact_from_every_interpreter(archives) -> None:
+    # A result's tensor must outlive the host's copy of its buffer: freed early, its first bytes came
+    # back as the interpreter's malloc free-list pointer.
+    import torch
+
+    from tenfold.packaging import replicate
+    from tenfold.runtime import InterpreterPool
+
+    with InterpreterPool(2, threads_per_interpreter=1) as pool, replicate(pool, archives["healthy"]) as model:
+        for rows in (1, 2, 3, 1, 64):
+            x = torch.arange(4 * rows, dtype=torch.float32).reshape(rows, 4)
+            outputs = [f.result().numpy() for f in [model.submit(x) for _ in range(4)]]
+            for y in outputs:
+                np.testing.assert_allclose(y, models.expected(x.tolist()), rtol=1e-5)
+
+
 LIMIT = 4096  # max_request_bytes of the hang app
 
 
@@ -150,6 +167,27 @@ def test_a_python_loop_answers_504_and_its_interpreter_serves_again(hang_app: st
     s = stats(url)
     assert s["healthy"] == 1 and s["interpreters"][0]["lost"] is False
     assert s["errors"] == 1  # the interrupted call, and nothing else
+
+
+def test_queue_past_max_queued_requests_is_a_503_with_retry_after(serve_session, archives) -> None:
+    args = {"archive": str(archives["native_sleep"]), "interpreters": 1, "request_timeout_s": 10.0,
+            "max_ongoing_requests": 1, "max_queued_requests": 1}
+    with deployed(serve_session, "queued", args) as url:
+        assert_healthy_answer(post(url, X))
+        barrier = threading.Barrier(6)
+
+        def call(_: int) -> requests.Response:
+            barrier.wait()
+            return post(url, [[models.SLEEP, 0.8, 0, 0]])
+
+        with ThreadPoolExecutor(6) as clients:  # bounded: 6 requests, 1 running, 1 queued, the rest refused
+            answers = list(clients.map(call, range(6)))
+        codes = sorted(r.status_code for r in answers)
+        assert set(codes) == {200, 503} and codes.count(200) >= 2, codes
+        for r in answers:
+            if r.status_code == 503:
+                assert int(r.headers["Retry-After"]) >= 1, r.headers
+        assert_healthy_answer(post(url, X))  # refusals left the replica serving
 
 
 def test_a_call_stuck_in_native_code_loses_its_interpreter_and_the_replica_is_replaced(serve_session,
@@ -313,6 +351,19 @@ def test_require_sha256_refuses_an_unpinned_archive_and_a_wrong_pin_names_both_d
         app_builder({"archive": str(path), "sha256": wrong, "require_sha256": True})
     message = str(info.value)
     assert str(path) in message and wrong in message and archive_sha256(path) in message, message
+
+
+def test_bench_soak_is_a_tenfold_command_with_bounded_parameters() -> None:
+    from tenfold.cli import build_parser
+    from tenfold.integration import soak
+
+    args = build_parser().parse_args(["bench", "soak", "--requests", "5000", "--concurrency", "3",
+                                      "--sample-every", "500"])
+    assert args.handler is soak.main
+    assert (args.requests, args.concurrency, args.sample_every, args.interpreters) == (5000, 3, 500, 2)
+    with pytest.raises(ValueError, match="at least 1"):
+        soak.run_soak("http://127.0.0.1:9/", soak.requests_for([np.zeros((1, 4), np.float32)], ["x"]), requests=10,
+                      concurrency=0, sample_every=5, rss=lambda: 0)
 
 
 # -- 5. soak (short) -----------------------------------------------------------------------------

@@ -30,9 +30,10 @@ def add_commands(commands: argparse._SubParsersAction, bench: argparse._SubParse
     p.add_argument("--sha256", help="refuse the archive unless its sha256 is this")
     p.set_defaults(handler=_serve)
 
-    from . import _bench
+    from . import _bench, soak
 
     _bench.add_commands(bench)
+    soak.add_command(bench)
 
 
 def _repo_root() -> Path | None:

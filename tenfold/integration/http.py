@@ -124,6 +124,8 @@ def decode_json(body: bytes, specs: Sequence[Any]) -> list[np.ndarray]:
         doc = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise MalformedRequest(f"the body is not valid JSON: {exc}") from None
+    except RecursionError:  # the parser recurses once per level of nesting
+        raise MalformedRequest("the body's JSON is nested too deeply to parse") from None
     if not isinstance(doc, dict):
         raise InvalidInput(f'the body must be a JSON object {{"inputs": [...]}}, got {type(doc).__name__}')
     unknown = sorted(set(doc) - {"inputs"})
@@ -205,7 +207,7 @@ def encode_arrow(outputs: Sequence[np.ndarray], names: Sequence[str]) -> bytes:
         if value.ndim == 1:
             columns.append(pa.array(value))
         else:
-            columns.append(pa.FixedShapeTensorArray.from_numpy_ndarray(value))
+            columns.append(_tensor_column(value))
     lengths = {len(c) for c in columns}
     if len(lengths) > 1:
         raise HTTPError(f"the outputs {list(names)} have different first dimensions {[len(c) for c in columns]}, "
@@ -215,6 +217,17 @@ def encode_arrow(outputs: Sequence[np.ndarray], names: Sequence[str]) -> bytes:
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
     return sink.getvalue().to_pybytes()
+
+
+def _tensor_column(value: np.ndarray) -> Any:
+    """A fixed_shape_tensor column with rows along dimension 0 (from_numpy_ndarray refuses zero rows)."""
+    import pyarrow as pa
+
+    if len(value):
+        return pa.FixedShapeTensorArray.from_numpy_ndarray(value)
+    tensor_type = pa.fixed_shape_tensor(pa.from_numpy_dtype(value.dtype), list(value.shape[1:]))
+    storage = pa.FixedSizeListArray.from_arrays(pa.array(value.reshape(-1)), int(np.prod(value.shape[1:])))
+    return pa.ExtensionArray.from_storage(tensor_type, storage)
 
 
 def decode_arrow_outputs(body: bytes) -> dict[str, np.ndarray]:
