@@ -420,3 +420,10 @@ def test_no_reference_outlives_the_call_when_torch_is_imported_in_the_host(ns_po
     del box
     gc.collect()
     assert ref() is None
+
+
+def test_a_tensor_made_only_while_pickling_the_result_comes_back_intact(ns_pool):
+    import torch
+
+    for _ in range(20):
+        assert torch.equal(ns_pool.submit(funcs.ephemeral_tensor).result(), torch.arange(1000, dtype=torch.float32))

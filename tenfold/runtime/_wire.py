@@ -118,7 +118,10 @@ def _reduce_tensor(t: Any) -> Any:
     if not _shareable(torch, t):
         return t.__reduce_ex__(5)
     nbytes = t.numel() * t.element_size()
-    raw = (ctypes.c_char * nbytes).from_address(t.data_ptr()) if nbytes else bytearray()
+    raw: Any = bytearray()
+    if nbytes:
+        raw = (ctypes.c_char * nbytes).from_address(t.data_ptr())
+        raw._owner = t  # the view must keep the storage alive, even for a tensor made only to be pickled
     return _rebuild_tensor, (pickle.PickleBuffer(raw), str(t.dtype).split(".")[1], tuple(t.shape))
 
 
