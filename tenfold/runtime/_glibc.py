@@ -219,7 +219,6 @@ class Namespace:
                 break
         if key.value >= self.key_block and self.key_block:
             raise InterpreterStartError(f"namespace libc handed out key {key.value} past its block {self.key_block}")
-        self.keys_free = _KEY_BLOCK
 
     def keys_used(self) -> int:
         """How many keys of its block the namespace's libc has handed out so far (for tests)."""
@@ -236,6 +235,3 @@ class Namespace:
         assert _host_keys is not None
         _host_keys.pretouch(self.key_block)
 
-
-def key_block_size() -> int:
-    return _KEY_BLOCK
