@@ -69,3 +69,12 @@ def small(seed: int = 0) -> Small:
         m = Small()
         m.bn.running_mean.uniform_(-0.5, 0.5)
         return m.eval()
+
+
+def grad_enabled_and_sum(model: nn.Module, x: torch.Tensor) -> tuple[bool, torch.Tensor]:
+    """Run inside an interpreter by ReplicatedModel.apply: is autograd off, and the model's output summed."""
+    return torch.is_grad_enabled(), model(x).sum(dim=1)
+
+
+def fails_on_purpose(model: nn.Module, message: str) -> None:
+    raise KeyError(message)

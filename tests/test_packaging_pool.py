@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _packaging_models import AlwaysWrites, Big, WritesOnLargeInput, small
+from _packaging_models import AlwaysWrites, Big, WritesOnLargeInput, fails_on_purpose, grad_enabled_and_sum, small
 
 import tenfold.packaging as tp
 from tenfold.packaging import replicated
 from tenfold.packaging._bench import measure_in_subprocess
-from tenfold.runtime import InterpreterPool
+from tenfold.runtime import InterpreterPool, RemoteError
 
 X = torch.randn(3, 8, generator=torch.Generator().manual_seed(5))
 
@@ -43,6 +43,19 @@ def test_replicated_model_matches_the_original_in_every_interpreter(pool: Interp
         assert all(isinstance(f, Future) for f in futures)
         assert all(torch.equal(f.result(timeout=60), want) for f in futures)
         torch.testing.assert_close(model(X[:1]), small()(X[:1]))  # the batch dimension is dynamic
+
+
+def test_apply_runs_a_function_of_the_model_next_to_it(pool: InterpreterPool, archive: Path) -> None:
+    with tp.replicate(pool, archive) as model:
+        answers = [model.apply(grad_enabled_and_sum, X).result(timeout=60) for _ in range(4)]
+        assert all(grad is False for grad, _ in answers), "apply runs under torch.no_grad"
+        torch.testing.assert_close(answers[0][1], small()(X).sum(dim=1))
+        with pytest.raises(RemoteError, match="KeyError: 'on purpose'") as info:
+            model.apply(fails_on_purpose, "on purpose").result(timeout=60)
+        assert isinstance(info.value.exception, KeyError)
+        with pytest.raises(Exception, match="lambda"):
+            model.apply(lambda m: m, X).result(timeout=60)
+        torch.testing.assert_close(model(X), small()(X))  # still serving
 
 
 def test_every_interpreter_views_the_one_host_buffer(pool: InterpreterPool, archive: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -193,18 +194,26 @@ def test_bad_arrow_is_a_4xx_naming_the_problem() -> None:
     with pytest.raises(http.InvalidInput, match=r"column 'x' has shape \[1, 5\]"):
         http.decode_arrow(wrong_shape, SPECS)
     table = pa.table({"x": pa.array(["a"]), "k": pa.array([1])})
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
     with pytest.raises(http.InvalidInput, match="column 'x' has Arrow type string"):
-        http.decode_arrow(sink.getvalue().to_pybytes(), SPECS)
+        http.decode_arrow(_ipc(table), SPECS)
     table = pa.table({"x": pa.array([1.0, None]), "k": pa.array([1, 2])})
+    with pytest.raises(http.InvalidInput, match="null"):
+        http.decode_arrow(_ipc(table), [SimpleNamespace(name="x", dtype="float32", shape=[None]),
+                                                         SPECS[1]])
+    bools = pa.ExtensionArray.from_storage(pa.fixed_shape_tensor(pa.bool_(), [4]),
+                                           pa.FixedSizeListArray.from_arrays(pa.array([True] * 4), 4))
+    table = pa.table({"x": bools, "k": pa.array([1])})
+    with pytest.raises(http.InvalidInput, match="column 'x' is a tensor column numpy cannot take"):
+        http.decode_arrow(_ipc(table), SPECS)
+
+
+def _ipc(table: Any) -> bytes:
+    import pyarrow as pa
+
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
-    with pytest.raises(http.InvalidInput, match="null"):
-        http.decode_arrow(sink.getvalue().to_pybytes(), [SimpleNamespace(name="x", dtype="float32", shape=[None]),
-                                                         SPECS[1]])
+    return sink.getvalue().to_pybytes()
 
 
 def test_outputs_of_different_lengths_cannot_share_an_arrow_table() -> None:

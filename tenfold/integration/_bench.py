@@ -62,12 +62,10 @@ class PlainModel:
         from starlette.responses import Response
 
         from . import http
-        from .deployment import _as_arrays
-
         inputs = [torch.from_numpy(a.copy()) for a in http.decode_json(body, self._manifest.inputs)]
         with torch.no_grad():
             result = self._model(*inputs)
-        outputs = _as_arrays(result, [o.name for o in self._manifest.outputs])
+        outputs = http.as_arrays(result, [o.name for o in self._manifest.outputs])
         return Response(http.encode_json(outputs), media_type=http.JSON_TYPE)
 
     async def pid(self) -> int:

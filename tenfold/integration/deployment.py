@@ -152,20 +152,26 @@ class TenfoldModel:
 
     async def _infer(self, inputs: list[Any]) -> Any:
         inputs = [_as_tensor(v) for v in inputs]
+        if self._batched is None:
+            try:
+                future = self._model.submit(*inputs)
+            except ValueError as exc:  # the inputs do not fit the model's signature
+                raise http.InvalidInput(str(exc)) from None
+            return await self._outcome(asyncio.wrap_future(future), future)
         try:
             self._model.check_inputs(inputs)
         except ValueError as exc:
             raise http.InvalidInput(str(exc)) from None
-        if self._batched is not None:
-            rows = {getattr(v, "shape", ())[:1] for v in inputs}
-            if len(rows) != 1 or rows == {()}:
-                raise http.InvalidInput("with batching, every input needs the same first (batch) dimension; "
-                                        f"got shapes {[list(getattr(v, 'shape', ())) for v in inputs]}")
-            future = None  # a batch is shared by several requests: one caller's deadline cannot stop it
-            call = asyncio.ensure_future(self._batched(inputs))
-        else:
-            future = self._model.submit(*inputs)
-            call = asyncio.wrap_future(future)
+        rows = {getattr(v, "shape", ())[:1] for v in inputs}
+        if len(rows) != 1 or rows == {()}:
+            raise http.InvalidInput("with batching, every input needs the same first (batch) dimension; "
+                                    f"got shapes {[list(getattr(v, 'shape', ())) for v in inputs]}")
+        # A batch is shared by several requests: one caller's deadline cannot stop it.
+        return await self._outcome(asyncio.ensure_future(self._batched(inputs)), None)
+
+    async def _outcome(self, call: asyncio.Future, future: Any) -> Any:
+        """The result of `call`, or RequestTimeout past request_timeout_s (then `future`, the interpreter's
+        call behind it if it serves this request alone, is interrupted)."""
         timeout = self._args.request_timeout_s
         if timeout is None:
             return await call
@@ -236,11 +242,21 @@ class TenfoldModel:
                 f"Content-Type {media!r} is not served; send {http.JSON_TYPE} or {http.ARROW_TYPE}"
             )
         body = await _read_body(request, self._args.max_request_bytes)
+        if media == http.JSON_TYPE and self._batched is None:
+            # Decoding, the call and encoding all happen in an interpreter: the host only moves bytes.
+            future = self._model.apply(http.predict_json, body, self._inputs, self._output_names)
+            try:
+                answer = await self._outcome(asyncio.wrap_future(future), future)
+            except RemoteError as exc:
+                if isinstance(exc.exception, http.HTTPError):  # the body does not fit the model's signature
+                    raise exc.exception from None
+                raise
+            return Response(answer, media_type=http.JSON_TYPE)
         if media == http.ARROW_TYPE:
             inputs = http.decode_arrow(body, self._inputs)
         else:
             inputs = http.decode_json(body, self._inputs)
-        outputs = _as_arrays(await self._infer(inputs), self._output_names)
+        outputs = http.as_arrays(await self._infer(inputs), self._output_names)
         if media == http.ARROW_TYPE:
             return Response(http.encode_arrow(outputs, self._output_names), media_type=http.ARROW_TYPE)
         return Response(http.encode_json(outputs), media_type=http.JSON_TYPE)
@@ -290,6 +306,8 @@ def _as_tensor(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         import torch
 
+        if value.flags.writeable:
+            return torch.from_numpy(value)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "The given NumPy array is not writable"
             return torch.from_numpy(value)
@@ -323,21 +341,3 @@ def _split(result: Any, rows: list[int]) -> list[Any]:
         return cut(result, i)
 
     return [per_request(i) for i in range(len(rows))]
-
-
-def _as_arrays(result: Any, names: Sequence[str]) -> list[np.ndarray]:
-    """The model's output as one numpy array per manifest output."""
-    if isinstance(result, dict):
-        values = [result[n] for n in names] if set(names) <= set(result) else list(result.values())
-    elif isinstance(result, list | tuple):
-        values = list(result)
-    else:
-        values = [result]
-    if len(values) != len(names):
-        raise ValueError(f"the model returned {len(values)} output(s), its manifest names {len(names)}: {names}")
-    out = []
-    for v in values:
-        if hasattr(v, "detach"):  # a torch tensor
-            v = v.detach().cpu().numpy()
-        out.append(np.asarray(v))
-    return out

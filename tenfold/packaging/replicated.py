@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import uuid
 import weakref
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
@@ -43,13 +44,26 @@ class ReplicatedModel:
         self._lock = threading.Lock()
         self._calls: weakref.WeakKeyDictionary[Future, Future] = weakref.WeakKeyDictionary()  # ours -> the pool's
         self.manifest = manifest
+        self._signature = manifest.signature()
 
     def check_inputs(self, inputs: tuple[Any, ...] | list[Any]) -> None:
         """Raise ValueError naming the first input that does not match the manifest's signature."""
-        _signature.check_inputs(self.manifest.inputs, inputs, self.manifest.signature())
+        _signature.check_inputs(self.manifest.inputs, inputs, self._signature)
 
     def submit(self, *inputs: Any) -> Future:
         """Check `inputs`, then run the model on them in the next free interpreter."""
+        self.check_inputs(inputs)
+        return self._submit(_run, inputs)
+
+    def apply(self, fn: Callable[..., Any], /, *args: Any) -> Future:
+        """Run `fn(model, *args)` in the next free interpreter, with the model as loaded there (under
+        `torch.no_grad`): e.g. decode a request and encode the answer next to the model, off the host's GIL.
+
+        `fn` must be importable by the interpreters (a module-level function); its inputs are not checked.
+        """
+        return self._submit(_apply, (fn, args))
+
+    def _submit(self, runner: Callable[..., Any], payload: tuple[Any, ...]) -> Future:
         if self._closed:
             raise RuntimeError(f"model {self.manifest.name!r} ({self._label}) was closed")
         if self._poisoned is not None:
@@ -58,9 +72,8 @@ class ReplicatedModel:
                 f"model {self.manifest.name!r} wrote into its shared weights in an earlier call, so they no longer "
                 "hold the archive's values; close it and replicate the archive again (with copy_weights=True)",
             ) from self._poisoned
-        self.check_inputs(inputs)
         outer: Future = Future()
-        inner = self._pool.submit(_run, self._id, inputs)
+        inner = self._pool.submit(runner, self._id, payload)
         self._calls[outer] = inner
         inner.add_done_callback(lambda f: self._settle(outer, f))
         return outer
@@ -116,7 +129,7 @@ class ReplicatedModel:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"on {self._pool.size} interpreter(s)"
-        return f"<ReplicatedModel {self.manifest.name!r} {self.manifest.signature()} {state}>"
+        return f"<ReplicatedModel {self.manifest.name!r} {self._signature} {state}>"
 
 
 def replicate(
@@ -169,15 +182,24 @@ def _load(model_id: str, buffer: Any, label: str, copy_weights: bool) -> bool:
 
 
 def _run(model_id: str, inputs: tuple[Any, ...]) -> Any:
+    return _apply(model_id, (_call, inputs))
+
+
+def _call(model: Any, *inputs: Any) -> Any:
+    return model(*inputs)
+
+
+def _apply(model_id: str, call: tuple[Callable[..., Any], tuple[Any, ...]]) -> Any:
     import torch
 
     loaded = _models.get(model_id)
     if loaded is None:
         raise RuntimeError(f"model {model_id} is not loaded in this interpreter (closed?)")
     model, label = loaded
+    fn, args = call
     try:
         with torch.no_grad():
-            return model(*inputs)
+            return fn(model, *args)
     except RuntimeError as exc:
         if is_shared_write(exc):
             raise SharedWeightWrite(
