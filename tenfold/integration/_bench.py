@@ -5,8 +5,11 @@ For each model, three set-ups get 2 CPUs from one local Ray:
   plain     2 replicas x 1 process: a plain Serve deployment that loads the archive with torch.package's own
             PackageImporter and runs the model in the replica's interpreter (what one does without tenfold)
   threads   1 replica x 2 interpreters of the threads backend (one GIL)
-A bounded loopback HTTP client (a fixed number of requests outstanding) measures throughput and latency;
-the replicas' memory is their PSS (shared pages split between the processes that map them).
+A bounded loopback HTTP client (a fixed number of requests outstanding) measures throughput and latency
+in interleaved rounds (A B C, C B A, ...) with every set-up deployed, so that the drift of a shared machine
+falls on all of them alike; the ratio is reported over all rounds and round by round. The replicas'
+memory is their PSS (shared pages split between the processes that map them), taken with each set-up
+deployed alone after a warm-up load.
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ def add_commands(bench: argparse._SubParsersAction) -> None:
     p = bench.add_parser("serve", help="HTTP throughput, latency and memory: 1x2 interpreters vs 2x1 processes")
     p.add_argument("--models", default="rnn_tagger,resnet", help="examples to serve (comma-separated)")
     p.add_argument("--setups", default=",".join(SETUPS), help="which of tenfold, plain, threads to run")
-    p.add_argument("--seconds", type=float, default=20.0, help="measured load per set-up")
-    p.add_argument("--warmup-s", type=float, default=3.0)
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds of load per set-up")
+    p.add_argument("--seconds", type=float, default=8.0, help="measured load per set-up and round")
+    p.add_argument("--warmup-s", type=float, default=3.0, help="load before measuring")
     p.add_argument("--concurrency", type=int, default=8, help="requests outstanding at once")
     p.add_argument("--out", default="bench-results", help="directory for serve.json and serve.png")
     p.set_defaults(handler=run)
@@ -73,7 +77,8 @@ class PlainModel:
 
 
 def _load(url: str, body: bytes, seconds: float, warmup_s: float, concurrency: int) -> dict[str, Any]:
-    """Bounded closed-loop load: `concurrency` clients, one request outstanding each."""
+    """Bounded closed-loop load: `concurrency` clients, one request outstanding each. Latencies (s) of the
+    requests sent after the warm-up, and the count of non-200 answers."""
     import requests
 
     stop_at = time.monotonic() + warmup_s + seconds
@@ -104,12 +109,19 @@ def _load(url: str, body: bytes, seconds: float, warmup_s: float, concurrency: i
         t.start()
     for t in threads:
         t.join()
-    latencies.sort()
+    return {"latencies": latencies, "errors": errors[0], "seconds": seconds}
+
+
+def _summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Throughput over all rounds (requests / seconds), latency percentiles over all requests."""
+    latencies = sorted(x for r in rounds for x in r["latencies"])
+    seconds = sum(r["seconds"] for r in rounds)
     n = len(latencies)
     return {
         "requests": n,
-        "errors": errors[0],
+        "errors": sum(r["errors"] for r in rounds),
         "throughput_rps": n / seconds,
+        "rounds_rps": [len(r["latencies"]) / r["seconds"] for r in rounds],
         "p50_ms": 1000 * latencies[n // 2] if n else None,
         "p99_ms": 1000 * latencies[min(n - 1, int(n * 0.99))] if n else None,
         "mean_ms": 1000 * statistics.fmean(latencies) if n else None,
@@ -130,37 +142,62 @@ def _replica_pids(get_pid: Any, replicas: int) -> set[int]:
     return pids
 
 
-def _run_setup(setup: str, model: str, archive: Path, body: bytes, args: argparse.Namespace, port: int) -> dict:
+def _deploy(setup: str, archive: Path, port: int) -> set[int]:
+    """Deploy one set-up (2 CPUs) as the application `setup` at /setup; its replicas' pids."""
     import requests
     from ray import serve
 
     from .builder import app_builder
 
-    url = f"http://127.0.0.1:{port}/{setup}"
     if setup == "plain":
         deployment = serve.deployment(PlainModel).options(
             name="plain", num_replicas=2, max_ongoing_requests=8, ray_actor_options={"num_cpus": 1}
         )
         handle = serve.run(deployment.bind(str(archive)), name=setup, route_prefix=f"/{setup}")
-        pids = _replica_pids(lambda: handle.pid.remote().result(), 2)
-    else:
-        backend = "namespaces" if setup == "tenfold" else "threads"
-        app = app_builder({"archive": str(archive), "interpreters": 2, "num_cpus": 2, "backend": backend,
-                           "threads_per_interpreter": 1, "name": setup})
-        serve.run(app, name=setup, route_prefix=f"/{setup}")
-        pids = _replica_pids(lambda: requests.get(f"{url}/-/stats", timeout=60).json()["pid"], 1)
-    try:
-        result = _load(url, body, args.seconds, args.warmup_s, args.concurrency)
-        result["pss_mb"] = _pss_mb(pids)
-        result["processes"] = len(pids)
-    finally:
+        return _replica_pids(lambda: handle.pid.remote().result(), 2)
+    backend = "namespaces" if setup == "tenfold" else "threads"
+    app = app_builder({"archive": str(archive), "interpreters": 2, "num_cpus": 2, "backend": backend,
+                       "threads_per_interpreter": 1, "name": setup})
+    serve.run(app, name=setup, route_prefix=f"/{setup}")
+    url = f"http://127.0.0.1:{port}/{setup}"
+    return _replica_pids(lambda: requests.get(f"{url}/-/stats", timeout=60).json()["pid"], 1)
+
+
+def _measure_model(model: str, archive: Path, body: bytes, setups: list[str], args: argparse.Namespace,
+                   port: int, progress: Any) -> list[dict[str, Any]]:
+    """Memory of each set-up deployed alone (after a warm-up load), then throughput and latency in
+    interleaved rounds with all set-ups deployed side by side, so that a slow minute of a shared machine
+    falls on every set-up alike."""
+    from ray import serve
+
+    url = f"http://127.0.0.1:{port}/{{}}"
+    memory, processes = {}, {}
+    for setup in setups:
+        pids = _deploy(setup, archive, port)
+        _load(url.format(setup), body, args.warmup_s, 0.0, args.concurrency)
+        memory[setup], processes[setup] = _pss_mb(pids), len(pids)
         serve.delete(setup)
-    return {"model": model, "setup": setup, **result}
+        progress.update(1)
+    for setup in setups:
+        _deploy(setup, archive, port)
+        _load(url.format(setup), body, args.warmup_s, 0.0, args.concurrency)
+    rounds: dict[str, list[dict[str, Any]]] = {s: [] for s in setups}
+    try:
+        for r in range(args.rounds):
+            for setup in setups if r % 2 == 0 else setups[::-1]:
+                rounds[setup].append(_load(url.format(setup), body, args.seconds, 0.5, args.concurrency))
+                progress.update(1)
+    finally:
+        for setup in setups:
+            serve.delete(setup)
+    return [{"model": model, "setup": s, **_summary(rounds[s]), "pss_mb": memory[s], "processes": processes[s]}
+            for s in setups]
 
 
 def run(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
+    from tqdm import tqdm
 
     from ._cli import _archive_for, _example_request
 
@@ -176,19 +213,21 @@ def run(args: argparse.Namespace) -> int:
     with socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # the CPU budget of every set-up
+    # Every set-up declares 2 CPUs; they sit side by side (so Ray is told of 2 per set-up) and take the
+    # machine's cores in turns.
+    ray.init(num_cpus=2 * len(setups), include_dashboard=False, log_to_driver=False)
     rows = []
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        for model, (archive, example) in archives.items():
-            request, _ = _example_request(archive, example)
-            body = json.dumps(request).encode()
-            for setup in setups:
-                row = _run_setup(setup, model, archive, body, args, port)
-                rows.append(row)
-                print(f"{model:<14}{setup:<9}{row['throughput_rps']:>9.1f} req/s  p50 {row['p50_ms']:>7.1f} ms  "
-                      f"p99 {row['p99_ms']:>7.1f} ms  PSS {row['pss_mb']:>7.0f} MB  errors {row['errors']}",
-                      flush=True)
+        with tqdm(total=len(models) * len(setups) * (1 + args.rounds), desc="bench serve", unit="step") as progress:
+            for model, (archive, example) in archives.items():
+                request, _ = _example_request(archive, example)
+                for row in _measure_model(model, archive, json.dumps(request).encode(), setups, args, port,
+                                          progress):
+                    rows.append(row)
+                    progress.write(f"{model:<14}{row['setup']:<9}{row['throughput_rps']:>9.1f} req/s  "
+                                   f"p50 {row['p50_ms']:>7.1f} ms  p99 {row['p99_ms']:>7.1f} ms  "
+                                   f"PSS {row['pss_mb']:>7.0f} MB  errors {row['errors']}")
     finally:
         try:
             serve.shutdown()
@@ -196,11 +235,11 @@ def run(args: argparse.Namespace) -> int:
             ray.shutdown()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report = {"cpus": 2, "seconds": args.seconds, "concurrency": args.concurrency, "results": rows,
-              "ratios": _ratios(rows)}
+    report = {"cpus_per_setup": 2, "seconds_per_round": args.seconds, "rounds": args.rounds,
+              "concurrency": args.concurrency, "results": rows, "ratios": _ratios(rows)}
     (out / "serve.json").write_text(json.dumps(report, indent=2))
     _table(rows, report["ratios"])
-    _plot(rows, out / "serve.png")
+    _plot(rows, report["ratios"], out / "serve.png")
     print(f"\nwrote {out / 'serve.json'} and {out / 'serve.png'}")
     return 0
 
@@ -211,7 +250,9 @@ def _ratios(rows: list[dict]) -> dict[str, dict[str, float]]:
     for model in dict.fromkeys(r["model"] for r in rows):
         t, p = by.get((model, "tenfold")), by.get((model, "plain"))
         if t and p and p["throughput_rps"]:
+            per_round = [a / b for a, b in zip(t["rounds_rps"], p["rounds_rps"]) if b]
             ratios[model] = {"throughput_vs_plain": t["throughput_rps"] / p["throughput_rps"],
+                             "throughput_vs_plain_by_round": per_round,
                              "pss_vs_plain": t["pss_mb"] / p["pss_mb"]}
     return ratios
 
@@ -222,10 +263,12 @@ def _table(rows: list[dict], ratios: dict) -> None:
         print(f"| {r['model']} | {r['setup']} | {r['throughput_rps']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
               f"{r['pss_mb']:.0f} | {r['errors']} |")
     for model, q in ratios.items():
-        print(f"{model}: tenfold/plain throughput {q['throughput_vs_plain']:.2f}x, memory {q['pss_vs_plain']:.2f}x")
+        rounds = ", ".join(f"{x:.2f}" for x in q["throughput_vs_plain_by_round"])
+        print(f"{model}: tenfold/plain throughput {q['throughput_vs_plain']:.2f}x (by round: {rounds}), "
+              f"memory {q['pss_vs_plain']:.2f}x")
 
 
-def _plot(rows: list[dict], path: Path) -> None:
+def _plot(rows: list[dict], ratios: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -234,7 +277,7 @@ def _plot(rows: list[dict], path: Path) -> None:
     models = list(dict.fromkeys(r["model"] for r in rows))
     setups = list(dict.fromkeys(r["setup"] for r in rows))
     by = {(r["model"], r["setup"]): r for r in rows}
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
     for ax, key, title in zip(axes, ("throughput_rps", "p99_ms", "pss_mb"),
                               ("throughput (req/s)", "p99 latency (ms)", "replicas' PSS (MB)")):
         width = 0.8 / len(setups)
@@ -244,6 +287,16 @@ def _plot(rows: list[dict], path: Path) -> None:
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(models))], models)
         ax.set_title(title)
     axes[0].legend()
+    ax = axes[3]
+    for j, model in enumerate(models):
+        per_round = ratios.get(model, {}).get("throughput_vs_plain_by_round", [])
+        ax.plot([j] * len(per_round), per_round, "o", alpha=0.6)
+        if model in ratios:
+            ax.plot([j - 0.2, j + 0.2], [ratios[model]["throughput_vs_plain"]] * 2, "k-", lw=2)
+    ax.axhline(1.0, color="grey", ls="--", lw=1)
+    ax.set_xticks(range(len(models)), models)
+    ax.set_xlim(-0.5, len(models) - 0.5)
+    ax.set_title("tenfold / plain throughput\n(dots: rounds, bar: all rounds)")
     fig.suptitle("Ray Serve at 2 CPUs: 1 replica x 2 interpreters (tenfold) vs 2 replicas x 1 process (plain)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
