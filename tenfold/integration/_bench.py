@@ -24,14 +24,15 @@ from pathlib import Path
 from typing import Any
 
 SETUPS = ("tenfold", "plain", "threads")
+_ONGOING = 16  # requests each set-up admits at once (the two plain replicas: 8 each), above the load's 8
 
 
 def add_commands(bench: argparse._SubParsersAction) -> None:
     p = bench.add_parser("serve", help="HTTP throughput, latency and memory: 1x2 interpreters vs 2x1 processes")
     p.add_argument("--models", default="rnn_tagger,resnet", help="examples to serve (comma-separated)")
     p.add_argument("--setups", default=",".join(SETUPS), help="which of tenfold, plain, threads to run")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds of load per set-up")
-    p.add_argument("--seconds", type=float, default=8.0, help="measured load per set-up and round")
+    p.add_argument("--rounds", type=int, default=10, help="interleaved rounds of load per set-up")
+    p.add_argument("--seconds", type=float, default=6.0, help="measured load per set-up and round")
     p.add_argument("--warmup-s", type=float, default=3.0, help="load before measuring")
     p.add_argument("--concurrency", type=int, default=8, help="requests outstanding at once")
     p.add_argument("--out", default="bench-results", help="directory for serve.json and serve.png")
@@ -151,13 +152,13 @@ def _deploy(setup: str, archive: Path, port: int) -> set[int]:
 
     if setup == "plain":
         deployment = serve.deployment(PlainModel).options(
-            name="plain", num_replicas=2, max_ongoing_requests=8, ray_actor_options={"num_cpus": 1}
+            name="plain", num_replicas=2, max_ongoing_requests=_ONGOING // 2, ray_actor_options={"num_cpus": 1}
         )
         handle = serve.run(deployment.bind(str(archive)), name=setup, route_prefix=f"/{setup}")
         return _replica_pids(lambda: handle.pid.remote().result(), 2)
     backend = "namespaces" if setup == "tenfold" else "threads"
     app = app_builder({"archive": str(archive), "interpreters": 2, "num_cpus": 2, "backend": backend,
-                       "threads_per_interpreter": 1, "name": setup})
+                       "threads_per_interpreter": 1, "max_ongoing_requests": _ONGOING, "name": setup})
     serve.run(app, name=setup, route_prefix=f"/{setup}")
     url = f"http://127.0.0.1:{port}/{setup}"
     return _replica_pids(lambda: requests.get(f"{url}/-/stats", timeout=60).json()["pid"], 1)
