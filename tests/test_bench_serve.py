@@ -30,6 +30,8 @@ def test_one_round_compares_tenfold_with_plain_replicas(tmp_path: Path) -> None:
         assert row["errors"] == 0 and row["requests"] > 0 and len(row["rounds_rps"]) == 2
         assert 0 < row["p50_ms"] <= row["p99_ms"]
         assert 100 < row["pss_mb"] < 5000
+        # CPU per request of the replicas (their model work at least) and of Serve's HTTP proxy.
+        assert 0.5 < row["replicas_cpu_ms_per_request"] < 1000 and 0 < row["proxy_cpu_ms_per_request"] < 1000
     ratio = report["ratios"]["rnn_tagger"]
     tenfold, plain = rows["tenfold"]["throughput_rps"], rows["plain"]["throughput_rps"]
     assert ratio["throughput_vs_plain"] == pytest.approx(tenfold / plain)

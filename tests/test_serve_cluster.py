@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -29,6 +30,18 @@ def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.setdefault("GLIBC_TUNABLES", "glibc.rtld.optional_static_tls=65536")
     return env
+
+
+def _stop_with_ctrl_c(proc: subprocess.Popen, log: Any) -> int:
+    """What Ctrl-C does; the exit code. A process that does not stop within 90 s is killed, and fails the test."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        return proc.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    finally:
+        log.close()
 
 
 def _expected(x: torch.Tensor, k: torch.Tensor) -> tuple[list, list]:
@@ -88,14 +101,7 @@ def test_serve_run_of_a_yaml_config_answers_http(probe_archive: Path, tmp_path: 
         np.testing.assert_allclose(np.array(answer.json()["outputs"][0]), np.array(want_y), rtol=1e-6)
         assert answer.json()["outputs"][1] == want_k
     finally:
-        proc.send_signal(signal.SIGINT)  # what Ctrl-C does: serve run shuts Serve and its Ray down
-        try:
-            code = proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise
-        finally:
-            log.close()
+        code = _stop_with_ctrl_c(proc, log)  # serve run shuts Serve and its Ray down
     assert code == 0, (tmp_path / "serve.log").read_text()[-3000:]
 
 
@@ -125,13 +131,6 @@ def test_tenfold_serve_serves_an_archive_prints_how_to_call_it_and_stops_on_ctrl
         assert r.status_code == 200, r.text
         assert [len(o) for o in r.json()["outputs"]] == [1, 1]  # the printed request is one valid row
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            code = proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise
-        finally:
-            log.close()
+        code = _stop_with_ctrl_c(proc, log)
     assert code == 0, log_path.read_text()[-3000:]
     assert "stopping: draining replicas" in log_path.read_text()

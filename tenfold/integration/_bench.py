@@ -85,18 +85,19 @@ def _load(url: str, body: bytes, seconds: float, warmup_s: float, concurrency: i
     stop_at = time.monotonic() + warmup_s + seconds
     measure_from = time.monotonic() + warmup_s
     latencies: list[float] = []
-    errors = [0]
+    errors, answered = [0], [0]
     lock = threading.Lock()
 
     def client() -> None:
         session = requests.Session()
-        mine, bad = [], 0
+        mine, bad, total = [], 0, 0
         while True:
             t0 = time.monotonic()
             if t0 >= stop_at:
                 break
             r = session.post(url, data=body, headers={"Content-Type": "application/json"}, timeout=120)
             t1 = time.monotonic()
+            total += 1
             if r.status_code != 200:
                 bad += 1
             elif t0 >= measure_from:
@@ -104,21 +105,27 @@ def _load(url: str, body: bytes, seconds: float, warmup_s: float, concurrency: i
         with lock:
             latencies.extend(mine)
             errors[0] += bad
+            answered[0] += total
 
     threads = [threading.Thread(target=client) for _ in range(concurrency)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return {"latencies": latencies, "errors": errors[0], "seconds": seconds}
+    return {"latencies": latencies, "errors": errors[0], "seconds": seconds, "answered": answered[0]}
 
 
 def _summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """Throughput over all rounds (requests / seconds), latency percentiles over all requests."""
+    """Throughput over all rounds (requests / seconds), latency percentiles over all requests, and the CPU
+    time the replicas and Serve's HTTP proxy spent per request."""
     latencies = sorted(x for r in rounds for x in r["latencies"])
     seconds = sum(r["seconds"] for r in rounds)
     n = len(latencies)
+    answered = sum(r["answered"] for r in rounds)
+    cpu = {f"{part}_cpu_ms_per_request": 1000 * sum(r["cpu_s"][part] for r in rounds) / answered if answered else None
+           for part in ("replicas", "proxy")}
     return {
+        **cpu,
         "requests": n,
         "errors": sum(r["errors"] for r in rounds),
         "throughput_rps": n / seconds,
@@ -133,6 +140,19 @@ def _pss_mb(pids: set[int]) -> float:
     import psutil
 
     return sum(psutil.Process(p).memory_full_info().pss for p in pids) / 1e6
+
+
+def _cpu_s(pids: set[int]) -> float:
+    """CPU seconds (user + system) the processes `pids` have used so far."""
+    import psutil
+
+    return sum(sum(psutil.Process(p).cpu_times()[:2]) for p in pids)
+
+
+def _proxy_pids() -> set[int]:
+    import psutil
+
+    return {p.pid for p in psutil.process_iter(["cmdline"]) if "ProxyActor" in " ".join(p.info["cmdline"] or [])}
 
 
 def _replica_pids(get_pid: Any, replicas: int) -> set[int]:
@@ -179,14 +199,19 @@ def _measure_model(model: str, archive: Path, body: bytes, setups: list[str], ar
         memory[setup], processes[setup] = _pss_mb(pids), len(pids)
         serve.delete(setup)
         progress.update(1)
+    pids = {}
     for setup in setups:
-        _deploy(setup, archive, port)
+        pids[setup] = _deploy(setup, archive, port)
         _load(url.format(setup), body, args.warmup_s, 0.0, args.concurrency)
     rounds: dict[str, list[dict[str, Any]]] = {s: [] for s in setups}
+    proxy = _proxy_pids()
     try:
         for r in range(args.rounds):
             for setup in setups if r % 2 == 0 else setups[::-1]:
-                rounds[setup].append(_load(url.format(setup), body, args.seconds, 0.5, args.concurrency))
+                before = _cpu_s(pids[setup]), _cpu_s(proxy)
+                result = _load(url.format(setup), body, args.seconds, 0.5, args.concurrency)
+                result["cpu_s"] = {"replicas": _cpu_s(pids[setup]) - before[0], "proxy": _cpu_s(proxy) - before[1]}
+                rounds[setup].append(result)
                 progress.update(1)
     finally:
         for setup in setups:
@@ -259,10 +284,12 @@ def _ratios(rows: list[dict]) -> dict[str, dict[str, float]]:
 
 
 def _table(rows: list[dict], ratios: dict) -> None:
-    print("\n| model | set-up | req/s | p50 ms | p99 ms | PSS MB | errors |\n|---|---|---:|---:|---:|---:|---:|")
+    print("\n| model | set-up | req/s | p50 ms | p99 ms | PSS MB | replica CPU ms/req | proxy CPU ms/req | errors |\n"
+          "|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['model']} | {r['setup']} | {r['throughput_rps']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
-              f"{r['pss_mb']:.0f} | {r['errors']} |")
+              f"{r['pss_mb']:.0f} | {r['replicas_cpu_ms_per_request']:.1f} | {r['proxy_cpu_ms_per_request']:.1f} | "
+              f"{r['errors']} |")
     for model, q in ratios.items():
         rounds = ", ".join(f"{x:.2f}" for x in q["throughput_vs_plain_by_round"])
         print(f"{model}: tenfold/plain throughput {q['throughput_vs_plain']:.2f}x (by round: {rounds}), "
