@@ -2,7 +2,9 @@
 
 Every method is `async`: Serve runs sync methods on short-lived worker threads, and a thread that
 entered an interpreter must never exit (pitfall 5 in the runtime notes). Work reaches the interpreters
-only through `submit`, which enqueues it for each interpreter's own long-lived owner thread.
+only through the pool, which enqueues it for each interpreter's own long-lived owner thread. A JSON
+request is decoded, run and encoded inside an interpreter (`ReplicatedModel.apply`), so the replica's
+one host thread, which serves every interpreter, only moves bytes.
 """
 
 from __future__ import annotations
