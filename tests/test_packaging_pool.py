@@ -58,6 +58,20 @@ def test_apply_runs_a_function_of_the_model_next_to_it(pool: InterpreterPool, ar
         torch.testing.assert_close(model(X), small()(X))  # still serving
 
 
+def test_a_settled_call_is_not_kept_by_the_model(pool: InterpreterPool, archive: Path) -> None:
+    import gc
+    import weakref
+
+    with tp.replicate(pool, archive) as model:
+        futures = [model.submit(X) for _ in range(4)] + [model.apply(grad_enabled_and_sum, X) for _ in range(4)]
+        results = [f.result(timeout=60) for f in futures]
+        dropped = [weakref.ref(f) for f in futures] + [weakref.ref(r[1] if isinstance(r, tuple) else r)
+                                                       for r in results]
+        del futures, results
+        gc.collect()
+        assert [ref() for ref in dropped] == [None] * len(dropped), "the model still holds calls it finished"
+
+
 def test_every_interpreter_views_the_one_host_buffer(pool: InterpreterPool, archive: Path) -> None:
     arr = np.frombuffer(archive.read_bytes(), dtype=np.uint8)
     base, size = arr.ctypes.data, arr.nbytes

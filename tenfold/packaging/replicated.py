@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import threading
 import uuid
-import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
@@ -42,7 +41,7 @@ class ReplicatedModel:
         self._closed = False
         self._poisoned: SharedWeightWrite | None = None
         self._lock = threading.Lock()
-        self._calls: weakref.WeakKeyDictionary[Future, Future] = weakref.WeakKeyDictionary()  # ours -> the pool's
+        self._calls: dict[Future, Future] = {}  # ours -> the pool's, while the call is not settled
         self.manifest = manifest
         self._signature = manifest.signature()
 
@@ -91,6 +90,8 @@ class ReplicatedModel:
         return self._pool.interrupt(inner, grace_s=grace_s)
 
     def _settle(self, outer: Future, inner: Future) -> None:
+        # Dropped here, not left to a weak mapping: the pool's future holds this callback, which holds ours.
+        self._calls.pop(outer, None)
         if inner.cancelled():  # by interrupt() while still queued
             outer.cancel()
             return
