@@ -78,12 +78,13 @@ def _handle(addr: int) -> int:
         err = TypeError(f"the result of type {type(result).__name__} cannot be sent back: {exc}")
         data, pbufs = encoder.dumps(RemoteFailure(err))
         status = w.STATUS_ERROR
+    del result
     size = len(data)
     if pbufs:
         descs, views = w.describe(pbufs, _state["address"])
-        # The out-of-band buffers point into the result's own memory (a tensor's storage) without owning
-        # it: the result must live until the host has copied them (OP_RELEASE drops `keep`).
-        _state["keep"] = (data, descs, views, pbufs, result)
+        # Each out-of-band buffer owns what it points into (a tensor's buffer owns the tensor, see
+        # _wire._reduce_tensor): keeping them until the host has copied them (OP_RELEASE drops `keep`) is enough.
+        _state["keep"] = (data, descs, views, pbufs)
         slots[w.RESULT_BUFFERS] = ctypes.addressof(descs)
         slots[w.NRESULT_BUFFERS] = len(views)
     else:
@@ -94,7 +95,6 @@ def _handle(addr: int) -> int:
     else:
         _state["keep"] = (data, _state.get("keep"))
         slots[w.RESULT] = w.bytes_address(data)
-    del result
     slots[w.STATUS] = status
     slots[w.RESULT_SIZE] = size
     return 0
