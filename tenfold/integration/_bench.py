@@ -52,6 +52,7 @@ class PlainModel:
 
         torch.set_num_threads(1)  # one CPU per replica, as each interpreter gets
         self._manifest = read_manifest(archive)
+        self._output_names = [o.name for o in self._manifest.outputs]
         package, _, resource = self._manifest.entry.rpartition("/")
         self._model = PackageImporter(archive).load_pickle(package, resource).eval()
         self._executor = ThreadPoolExecutor(1)
@@ -67,11 +68,10 @@ class PlainModel:
         from starlette.responses import Response
 
         from . import http
-        inputs = [torch.from_numpy(a.copy()) for a in http.decode_json(body, self._manifest.inputs)]
-        with torch.no_grad():
-            result = self._model(*inputs)
-        outputs = http.as_arrays(result, [o.name for o in self._manifest.outputs])
-        return Response(http.encode_json(outputs), media_type=http.JSON_TYPE)
+
+        with torch.no_grad():  # the same per-request work as a tenfold interpreter does
+            answer = http.predict_json(self._model, body, self._manifest.inputs, self._output_names)
+        return Response(answer, media_type=http.JSON_TYPE)
 
     async def pid(self) -> int:
         return os.getpid()
