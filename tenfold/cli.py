@@ -1,56 +1,474 @@
-"""The `tenfold` command: package, inspect, serve, bench.
+"""The `tenfold` command: every subcommand and its arguments are declared here.
 
-Each part of tenfold adds its own subcommands (`add_commands(commands, bench)` in its `_cli` module);
-heavy imports (torch, ray) happen inside the handlers, so `tenfold --help` stays fast.
+    tenfold package MODULE:FACTORY -o model.pt     package a model as an archive
+    tenfold inspect model.pt                       print its manifest, check its digests
+    tenfold serve model.pt|MODULE:FACTORY          serve it with Ray Serve until Ctrl-C
+    tenfold bench runtime|packaging|serve|soak     run a benchmark
+
+Handlers import what they need (torch, ray) when they run, so that `tenfold --help` stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
+import signal
 import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
-_PARTS = ("tenfold.packaging._cli", "tenfold.integration._cli", "tenfold.runtime._cli")
-
-
-def _ensure_static_tls() -> None:
-    # glibc reads GLIBC_TUNABLES only at process start (pitfall 3): set it and start again.
-    from tenfold.runtime import _glibc
-
-    if _glibc.reserved_static_tls() >= _glibc.STATIC_TLS_PER_INTERPRETER * _glibc.MAX_NAMESPACES:
-        return
-    if os.environ.get("TENFOLD_REEXECED"):
-        return  # the platform ignored it (not glibc): the runtime will say what is wrong
-    env = dict(os.environ, TENFOLD_REEXECED="1")
-    current = env.get("GLIBC_TUNABLES")
-    env["GLIBC_TUNABLES"] = f"{current}:{_glibc.RECOMMENDED_TUNABLES}" if current else _glibc.RECOMMENDED_TUNABLES
-    os.execve(sys.executable, [sys.executable, "-m", "tenfold", *sys.argv[1:]], env)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="tenfold", description="Serve PyTorch models from several Python interpreters per process."
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    bench_parser = commands.add_parser("bench", help="run a benchmark (runtime, serve, soak)")
-    bench = bench_parser.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
-    for name in _PARTS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
-        module.add_commands(commands, bench)
-    return parser
+#: glibc allows 15 namespace interpreters per process.
+_MAX_INTERPRETERS = 15
 
 
 def main(argv: list[str] | None = None) -> int:
     if sys.platform.startswith("linux") and argv is None:
         _ensure_static_tls()
     args = build_parser().parse_args(argv)
-    return int(args.handler(args) or 0)
+    handler: Callable[[argparse.Namespace], int | None] = args.handler
+    return int(handler(args) or 0)
+
+
+def _ensure_static_tls() -> None:
+    # glibc reads GLIBC_TUNABLES only at process start (docs/runtime-pitfalls.md, pitfall 3): set it and
+    # start again.
+    from tenfold.runtime import static_tls_ready, with_glibc_tunables
+
+    if static_tls_ready() or os.environ.get("TENFOLD_REEXECED"):
+        return  # ready, or the platform ignored it (not glibc): the runtime will say what is wrong
+    env = with_glibc_tunables({**os.environ, "TENFOLD_REEXECED": "1"})
+    os.execve(sys.executable, [sys.executable, "-m", "tenfold", *sys.argv[1:]], env)
+
+
+# -- argument types -------------------------------------------------------------------------------
+
+
+def _positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+        return value
+
+    return parse
+
+
+def _interpreters(text: str) -> int:
+    value = int(_positive(int)(text))
+    if value > _MAX_INTERPRETERS:
+        raise argparse.ArgumentTypeError(f"at most {_MAX_INTERPRETERS} interpreters fit in one process, got {value}")
+    return value
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"sizes must be comma-separated integers, like 1,2; got {text!r}") from None
+    if not sizes or sizes[0] < 1 or sizes[-1] > _MAX_INTERPRETERS:
+        raise argparse.ArgumentTypeError(
+            f"sizes must be between 1 and {_MAX_INTERPRETERS} (glibc allows {_MAX_INTERPRETERS} interpreters per "
+            f"process); got {text!r}"
+        )
+    return sizes
+
+
+def _runtime_models(text: str) -> list[str]:
+    from tenfold.bench import runtime_models
+
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [n for n in names if n not in runtime_models.MODELS]
+    if not names or unknown:
+        known = ", ".join(runtime_models.MODELS)
+        raise argparse.ArgumentTypeError(f"unknown model(s) {unknown or text!r}; known: {known}")
+    return names
+
+
+# -- the parser -----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tenfold", description="Serve Python models from several isolated interpreters per process."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser(
+        "package",
+        help="package a model as a torch.package archive with a manifest",
+        description="Package MODULE:FACTORY (a zero-argument function returning the model, or a model object) "
+        "into an archive. Without --example-input, MODULE's example_inputs() is used; MODULE's DYNAMIC dict "
+        "(input name -> dims) marks the dimensions that vary (default: the batch dimension).",
+    )
+    p.add_argument("target", nargs="?", metavar="MODULE:FACTORY", help="e.g. examples.resnet:build")
+    p.add_argument("-o", "--output", required=True, help="archive to write, e.g. model.pt")
+    p.add_argument("--example-input", action="append", default=[], metavar="SHAPE:DTYPE",
+                   help="one input per option, e.g. 1x3x32x32:float32 (floats: normal noise; integers: 0..9)")
+    p.add_argument("--dynamic", action="append", default=[], metavar="NAME:DIMS",
+                   help="dimensions of input NAME that vary, e.g. tokens:0,1 (default: dimension 0)")
+    p.add_argument("--name", help="model name in the manifest (default: the model's class name)")
+    p.add_argument("--intern", action="append", default=[], metavar="PATTERN", help="extra modules to intern")
+    p.add_argument("--extern", action="append", default=[], metavar="PATTERN", help="modules to take from the server")
+    p.add_argument("--mock", action="append", default=[], metavar="PATTERN", help="modules to replace by mocks")
+    p.add_argument("--from-torch-package", metavar="ARCHIVE", help="add a manifest to a plain torch.package archive")
+    p.add_argument("--resource", default="model/model.pkl", help="the pickle to load with --from-torch-package")
+    p.set_defaults(handler=_package)
+
+    p = commands.add_parser("inspect", help="print an archive's manifest and check its digests")
+    p.add_argument("archive")
+    p.set_defaults(handler=_inspect)
+
+    p = commands.add_parser(
+        "serve",
+        help="serve a model with Ray Serve (several interpreters per replica) until Ctrl-C",
+        description="Serve MODEL: an archive, or MODULE:FACTORY (packaged to build/MODULE.pt first when the archive "
+        "is missing or older than the module). Starts a local Ray, prints how to call the model with curl and "
+        "with a Python handle, and serves until Ctrl-C. For YAML configs use `serve run CONFIG.yaml`.",
+    )
+    p.add_argument("model", metavar="MODEL", help="archive path, or MODULE:FACTORY (e.g. examples.rnn_tagger:build)")
+    p.add_argument("--interpreters", type=_interpreters, default=2, help="interpreters per replica (default: 2)")
+    p.add_argument("--replicas", type=_positive(int), default=1, help="replicas (default: 1)")
+    p.add_argument("--backend", choices=("namespaces", "threads"), default="namespaces")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--sha256", help="refuse the archive unless its sha256 is this")
+    p.set_defaults(handler=_serve)
+
+    bench = commands.add_parser("bench", help="run a benchmark (runtime, packaging, serve, soak)").add_subparsers(
+        dest="bench", required=True, metavar="BENCHMARK"
+    )
+    p = bench.add_parser(
+        "runtime",
+        help="interpreters vs threads vs processes vs TorchScript: throughput, memory, start-up, round trip",
+        description="Run the same models in N namespace interpreters, N threads of one interpreter, N processes "
+        "and TorchScript driven by N threads; measure memory per interpreter, start-up and call round trip; "
+        "check them against the runtime's targets; write runtime.json and runtime.png.",
+    )
+    p.add_argument("--sizes", type=_sizes, default=[1, 2], help="worker counts N to measure (default 1,2)")
+    p.add_argument("--models", type=_runtime_models, default=None,
+                   help="comma-separated subset of the benchmark's models (default all; mlp,conv with --quick)")
+    p.add_argument("--seconds", type=_positive(float), default=None,
+                   help="length of one throughput measurement (default 3; 0.3 with --quick)")
+    p.add_argument("--reps", type=_positive(int), default=None,
+                   help="repetitions per measurement, median reported (default 3; 1 with --quick)")
+    p.add_argument("--round-trips", type=_positive(int), default=None,
+                   help="calls timed for the round trip (default 20000; 2000 with --quick)")
+    p.add_argument("--out", type=Path, default=Path("bench-results"), help="directory for runtime.json and runtime.png")
+    p.add_argument("--quick", action="store_true", help="a smoke run in well under a minute; figures not for quoting")
+    p.set_defaults(handler=_bench_runtime)
+
+    p = bench.add_parser("packaging", help="package/load times and memory of one archive shared by 4 interpreters")
+    p.add_argument("--weights-mb", type=_positive(int), default=200, help="weights of the shared archive (MB)")
+    p.add_argument("--interpreters", type=_interpreters, default=4)
+    p.set_defaults(handler=_bench("packaging"))
+
+    p = bench.add_parser("serve", help="HTTP throughput, latency and memory: 1x2 interpreters vs 2x1 processes")
+    p.add_argument("--models", default="rnn_tagger,resnet", help="examples (or archives) to serve, comma-separated")
+    p.add_argument("--setups", default="tenfold,plain,threads", help="which of tenfold, plain, threads to run")
+    p.add_argument("--rounds", type=_positive(int), default=10, help="interleaved rounds of load per set-up")
+    p.add_argument("--seconds", type=_positive(float), default=6.0, help="measured load per set-up and round")
+    p.add_argument("--warmup-s", type=_positive(float), default=3.0, help="load before measuring")
+    p.add_argument("--concurrency", type=_positive(int), default=8, help="requests outstanding at once")
+    p.add_argument("--out", type=Path, default=Path("bench-results"), help="directory for serve.json and serve.png")
+    p.set_defaults(handler=_bench("serve"))
+
+    p = bench.add_parser(
+        "soak",
+        help="100,000 requests (JSON and Arrow) to one replica: errors, p50/p99 and RSS over time",
+        description="Deploys MODEL (an archive, or an example name) as one replica with --interpreters "
+        "interpreters on a local Ray, sends --requests requests from --concurrency loopback clients and reports "
+        "errors, latency per window and the replica's RSS every --sample-every requests (table, soak.json, "
+        "soak.png). Exits 1 if any request failed or RSS grew by 1 KiB or more per request after the warm-up.",
+    )
+    p.add_argument("model", nargs="?", default="rnn_tagger", help="archive path or an example name")
+    p.add_argument("--requests", type=_positive(int), default=100_000)
+    p.add_argument("--concurrency", type=_positive(int), default=4, help="clients, one request outstanding each")
+    p.add_argument("--sample-every", type=_positive(int), default=10_000, help="requests per latency/RSS sample")
+    p.add_argument("--warmup", type=_positive(int), default=None,
+                   help="requests before the RSS baseline (default: one sample)")
+    p.add_argument("--interpreters", type=_interpreters, default=2)
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--out", type=Path, default=Path("bench-results"))
+    p.set_defaults(handler=_bench("soak"))
+    return parser
+
+
+# -- package and inspect --------------------------------------------------------------------------
+
+
+def _import_target(target: str) -> tuple[Any, Any]:
+    """(module, attribute) of MODULE:ATTR; MODULE may live in the current directory, as with `python -m`."""
+    module_name, _, attr = target.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"expected MODULE:FACTORY, e.g. examples.resnet:build; got {target!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    module = importlib.import_module(module_name)
+    try:
+        return module, getattr(module, attr)
+    except AttributeError:
+        raise ValueError(f"module {module_name} has no attribute {attr!r}") from None
+
+
+def parse_example_input(text: str, seed: int) -> Any:
+    """'1x3x32x32:float32' -> a tensor of that shape and dtype (seeded)."""
+    import torch
+
+    shape_text, _, dtype_text = text.rpartition(":")
+    if not shape_text:
+        raise ValueError(f"--example-input {text!r}: expected SHAPE:DTYPE, e.g. 1x3x32x32:float32")
+    dtype = getattr(torch, dtype_text, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"--example-input {text!r}: unknown dtype {dtype_text!r} (e.g. float32, int64)")
+    try:
+        shape = [int(d) for d in shape_text.split("x")]
+    except ValueError:
+        raise ValueError(f"--example-input {text!r}: shape must be sizes joined by x, e.g. 2x16") from None
+    g = torch.Generator().manual_seed(seed)
+    if dtype.is_floating_point:
+        return torch.randn(shape, generator=g).to(dtype)
+    return torch.randint(0, 10, shape, generator=g).to(dtype)
+
+
+def _dynamic(items: list[str]) -> dict[str, tuple[int, ...]] | None:
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        name, _, dims = item.partition(":")
+        try:
+            out[name] = tuple(int(d) for d in dims.split(",") if d)
+        except ValueError:
+            raise ValueError(f"--dynamic {item!r}: expected NAME:DIMS, e.g. tokens:0,1") from None
+    return out
+
+
+def _package(args: argparse.Namespace) -> int:
+    from tenfold.packaging import PackageError
+
+    try:
+        manifest = _package_target(args)
+    except (PackageError, ValueError, TypeError, ImportError, AttributeError) as exc:
+        print(f"tenfold package: {exc}", file=sys.stderr)
+        return 1
+    if manifest is None:
+        return 2
+    print(f"wrote {args.output}: {manifest.name} {manifest.signature()}, "
+          f"{manifest.tensor_count} tensors, {manifest.weight_bytes / 1e6:.1f} MB")
+    return 0
+
+
+def _package_target(args: argparse.Namespace) -> Any:
+    """The manifest of the archive written for `args`, or None after a usage error (printed)."""
+    from tqdm import tqdm
+
+    from tenfold.packaging import repackage, save
+
+    inputs = tuple(parse_example_input(t, seed=i) for i, t in enumerate(args.example_input))
+    dynamic = _dynamic(args.dynamic)
+    if args.from_torch_package:
+        if not inputs:
+            print("tenfold package: --from-torch-package needs --example-input", file=sys.stderr)
+            return None
+        with _progress(tqdm, None) as bar:
+            return repackage(args.from_torch_package, args.output, resource=args.resource, example_inputs=inputs,
+                             name=args.name, dynamic=dynamic, progress=bar.update)
+    if not args.target:
+        print("tenfold package: give MODULE:FACTORY (or --from-torch-package ARCHIVE)", file=sys.stderr)
+        return None
+    module, factory = _import_target(args.target)
+    if not inputs:
+        if not hasattr(module, "example_inputs"):
+            print(f"tenfold package: {module.__name__} has no example_inputs(); pass --example-input", file=sys.stderr)
+            return None
+        inputs = tuple(module.example_inputs())
+        dynamic = dynamic if dynamic is not None else getattr(module, "DYNAMIC", None)
+    with _progress(tqdm, None) as bar:
+        return save(factory, args.output, example_inputs=inputs, name=args.name, intern=args.intern,
+                    extern=args.extern, mock=args.mock, dynamic=dynamic, progress=bar.update)
+
+
+class _progress:
+    """A tqdm bar of bytes written and hashed, shown once packaging takes more than half a second."""
+
+    def __init__(self, tqdm: Any, total: int | None) -> None:
+        self._bar = tqdm(total=total, unit="B", unit_scale=True, desc="packaging", leave=False, delay=0.5)
+
+    def __enter__(self) -> Any:
+        return self._bar
+
+    def __exit__(self, *exc: Any) -> None:
+        self._bar.close()
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from tenfold.packaging import ManifestMissing, PackageError, open_archive
+
+    try:
+        archive = open_archive(args.archive)
+    except (PackageError, FileNotFoundError) as exc:
+        print(f"tenfold inspect: {exc}", file=sys.stderr)
+        return 1
+    print(f"archive   {archive.label}")
+    print(f"sha256    {archive.sha256()}")
+    print(f"tensors   {len(archive.storages())} storages, {archive.weight_bytes():,} bytes")
+    try:
+        manifest = archive.manifest
+    except ManifestMissing as exc:
+        print(f"manifest  none ({exc})")
+        print(f"interned  {', '.join(archive.modules()) or '-'}")
+        return 0
+    except PackageError as exc:
+        print(f"manifest  INVALID: {exc}")
+        return 1
+    print(f"name      {manifest.name}")
+    print(f"entry     {manifest.entry}")
+    print(f"signature {manifest.signature()}")
+    print(f"torch     {manifest.torch_version} (python {manifest.python_version})")
+    print(f"interned  {', '.join(manifest.interned_modules) or '-'}")
+    print(f"extern    {', '.join(manifest.extern_modules) or '-'}")
+    if manifest.mocked_modules:
+        print(f"mocked    {', '.join(manifest.mocked_modules)}")
+    if manifest.writes_weights:
+        print(f"writes    {', '.join(manifest.writes_weights)} (needs copy_weights=True)")
+    try:
+        archive.verify()
+    except PackageError as exc:
+        print(f"digest    FAILED: {exc}")
+        return 1
+    print(f"digest    ok ({manifest.content_sha256})")
+    return 0
+
+
+# -- serve ----------------------------------------------------------------------------------------
+
+
+def _archive_for(model: str) -> Path:
+    """The archive to serve: `model` itself, or MODULE:FACTORY packaged to build/MODULE.pt when that is missing
+    or older than the module's source."""
+    if ":" not in model or Path(model).exists():
+        return Path(model)
+    module, _ = _import_target(model)
+    archive = Path("build") / f"{module.__name__.rsplit('.', 1)[-1]}.pt"
+    source = getattr(module, "__file__", None)
+    if archive.is_file() and (source is None or os.path.getmtime(source) <= archive.stat().st_mtime):
+        return archive
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    print(f"packaging {model} -> {archive}", flush=True)
+    code = main(["package", model, "-o", str(archive)])
+    if code:
+        raise SystemExit(code)
+    return archive
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        archive = _archive_for(args.model)
+    except (ValueError, ImportError) as exc:
+        print(f"tenfold serve: {exc}", file=sys.stderr)
+        return 2
+    if not archive.is_file():
+        print(f"tenfold serve: no archive at {archive}; give an archive path or MODULE:FACTORY", file=sys.stderr)
+        return 2
+    import ray
+    from ray import serve
+
+    from tenfold.integration import DeployError, app_builder
+    from tenfold.integration.codec import example_request
+    from tenfold.packaging import read_manifest
+
+    manifest = read_manifest(archive)
+    request_file = archive.with_suffix(".request.json")
+    request_file.write_text(json.dumps(example_request(archive)))
+    name = archive.stem
+    ray.init(num_cpus=max(os.cpu_count() or 1, args.interpreters * args.replicas), include_dashboard=False)
+    # SIGTERM ends the serving loop as Ctrl-C does, so that Serve and Ray are shut down either way.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored (`cmd &`)
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        try:
+            app = app_builder({"archive": str(archive), "sha256": args.sha256, "name": name,
+                               "interpreters": args.interpreters, "num_replicas": args.replicas,
+                               "backend": args.backend})
+        except DeployError as exc:
+            print(f"tenfold serve: {exc}", file=sys.stderr)
+            return 1
+        serve.run(app, name=name, route_prefix="/")
+        print(_usage(name, args, request_file, [s.dtype for s in manifest.inputs]), flush=True)
+        while True:
+            signal.pause()
+    except KeyboardInterrupt:
+        print("\nstopping: draining replicas and shutting Ray down", flush=True)
+    finally:
+        # A second Ctrl-C (or a repeated signal) must not cut the shutdown short and leave Ray behind.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+    return 0
+
+
+def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _usage(name: str, args: argparse.Namespace, request_file: Path, dtypes: list[str]) -> str:
+    url = f"http://{args.host}:{args.port}/"
+    return f"""
+tenfold is serving {name!r}: {args.replicas} replica(s) x {args.interpreters} interpreter(s) ({args.backend}).
+
+  curl -s -X POST {url} -H 'Content-Type: application/json' -d @{request_file}
+  curl -s {url}-/manifest
+
+From Python (another process on this machine):
+
+  python - <<'PY'
+  import json, ray, torch
+  from ray import serve
+  ray.init(address="auto")
+  handle = serve.get_app_handle({name!r})
+  inputs = json.load(open({str(request_file)!r}))["inputs"]
+  dtypes = {dtypes!r}
+  print(handle.remote(*[torch.tensor(v, dtype=getattr(torch, d)) for v, d in zip(inputs, dtypes)]).result())
+  PY
+
+Arrow IPC: POST with Content-Type: application/vnd.apache.arrow.stream (one column per input).
+Ctrl-C stops serving.
+"""
+
+
+# -- bench ----------------------------------------------------------------------------------------
+
+
+def _bench_runtime(args: argparse.Namespace) -> int:
+    from tenfold.bench import runtime
+
+    cfg = runtime.BenchConfig.make(sizes=args.sizes, models=args.models, seconds=args.seconds, reps=args.reps,
+                                   round_trips=args.round_trips, out=args.out, quick=args.quick)
+    results = runtime.run_benchmark(cfg)
+    print()
+    print(runtime.format_table(results))
+    print(f"\nwrote {cfg.out / 'runtime.json'} and {cfg.out / 'runtime.png'}")
+    return 0
+
+
+def _bench(name: str) -> Callable[[argparse.Namespace], int]:
+    """The handler of `tenfold bench NAME`: `tenfold.bench.NAME.run(args)`."""
+
+    def handler(args: argparse.Namespace) -> int:
+        module = importlib.import_module(f"tenfold.bench.{name}")
+        return int(module.run(args))
+
+    return handler
 
 
 if __name__ == "__main__":

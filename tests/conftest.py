@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +51,7 @@ def serve_session() -> Iterator[ServeSession]:
     port = free_port()
     saved = dict(os.environ)
     os.environ.update(_RAY_ENV)
-    # Replicas of test-defined deployments (tests/_serve_callers.py) import from here.
+    # Replicas of test-defined deployments (testmodels/serve_callers.py) import from here.
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH")) if p)
     try:
         ray.init(num_cpus=4, include_dashboard=False, namespace="tenfold-tests", log_to_driver=False)
@@ -71,9 +70,8 @@ def serve_session() -> Iterator[ServeSession]:
 
 @pytest.fixture(scope="session")
 def probe_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`tests/_serve_models.py:Probe` packaged with tenfold.packaging.save."""
-    sys.path.insert(0, str(TESTS))
-    import _serve_models
+    """`testmodels/serve_models.py:Probe` packaged with tenfold.packaging.save."""
+    from testmodels import serve_models as _serve_models
 
     from tenfold.packaging import save
 

@@ -17,7 +17,7 @@ _EXPORTS = {
     "TenfoldModel": ".deployment",
     "UtilizationPolicy": ".policy",
     "app_builder": ".builder",
-    "release_archive": ".archives",
+    "release_archive": ".object_store",
     "utilization_policy": ".policy",
 }
 

@@ -13,9 +13,9 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.config import BackpressureConfig
 
-from .archives import put_archive
 from .config import AppArgs
 from .deployment import TenfoldModel
+from .object_store import put_archive
 
 
 class DeployError(ValueError):
@@ -51,9 +51,9 @@ def _check_batching(args: AppArgs, manifest: Any) -> None:
 
 
 def _deployment_options(args: AppArgs, name: str) -> dict[str, Any]:
-    from tenfold.runtime import _glibc
+    from tenfold.runtime import GLIBC_TUNABLES
 
-    env = {"GLIBC_TUNABLES": _glibc.RECOMMENDED_TUNABLES}
+    env = {"GLIBC_TUNABLES": GLIBC_TUNABLES}
     options: dict[str, Any] = {
         "name": name,
         "ray_actor_options": {"num_cpus": args.replica_num_cpus, "runtime_env": {"env_vars": env}},

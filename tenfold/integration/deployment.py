@@ -1,7 +1,7 @@
 """The Serve deployment: one replica, one InterpreterPool, one model replicated into every interpreter.
 
 Every method is `async`: Serve runs sync methods on short-lived worker threads, and a thread that
-entered an interpreter must never exit (pitfall 5 in the runtime notes). Work reaches the interpreters
+entered an interpreter must never exit (pitfall 5 in docs/runtime-pitfalls.md). Work reaches the interpreters
 only through the pool, which enqueues it for each interpreter's own long-lived owner thread. A JSON
 request is decoded, run and encoded inside an interpreter (`ReplicatedModel.apply`), so the replica's
 one host thread, which serves every interpreter, only moves bytes.
@@ -23,9 +23,9 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import Response
 
-from tenfold.runtime import BrokenInterpreterPool, InterpreterLost, InterpreterPool, RemoteError
+from tenfold.runtime import BrokenInterpreterPool, InterpreterLost, InterpreterPool, RemoteError, remote_traceback
 
-from . import http, policy
+from . import codec, policy
 from .config import AppArgs
 from .metrics import ReplicaMetrics
 
@@ -158,15 +158,15 @@ class TenfoldModel:
             try:
                 future = self._model.submit(*inputs)
             except ValueError as exc:  # the inputs do not fit the model's signature
-                raise http.InvalidInput(str(exc)) from None
+                raise codec.InvalidInput(str(exc)) from None
             return await self._outcome(asyncio.wrap_future(future), future)
         try:
             self._model.check_inputs(inputs)
         except ValueError as exc:
-            raise http.InvalidInput(str(exc)) from None
+            raise codec.InvalidInput(str(exc)) from None
         rows = {getattr(v, "shape", ())[:1] for v in inputs}
         if len(rows) != 1 or rows == {()}:
-            raise http.InvalidInput("with batching, every input needs the same first (batch) dimension; "
+            raise codec.InvalidInput("with batching, every input needs the same first (batch) dimension; "
                                     f"got shapes {[list(getattr(v, 'shape', ())) for v in inputs]}")
         # A batch is shared by several requests: one caller's deadline cannot stop it.
         return await self._outcome(asyncio.ensure_future(self._batched(inputs)), None)
@@ -211,9 +211,10 @@ class TenfoldModel:
             response = await self._route(request)
         except BaseException as exc:
             error = _classify(exc, self._args.request_timeout_s)
-            if error.status >= 500 and not isinstance(exc, http.HTTPError | RemoteError | RequestTimeout):
+            if error.status >= 500 and not isinstance(exc, codec.HTTPError | RequestTimeout) and \
+                    remote_traceback(exc) is None:
                 _logger.exception("request failed")  # ours, not the caller's nor the model's
-            response = Response(error.body(), status_code=error.status, media_type=http.JSON_TYPE,
+            response = Response(error.body(), status_code=error.status, media_type=codec.JSON_TYPE,
                                 headers=error.headers)
         self._metrics.observe_request("http", time.perf_counter() - t0, response.status_code)
         return response
@@ -226,42 +227,37 @@ class TenfoldModel:
         path = "/" + path.strip("/")
         if path == "/":
             if request.method != "POST":
-                raise http.HTTPError("POST inputs to /; GET /-/manifest for the signature", status=405,
+                raise codec.HTTPError("POST inputs to /; GET /-/manifest for the signature", status=405,
                                      kind="MethodNotAllowed", headers={"Allow": "POST"})
             return await self._predict(request)
         if path in ("/-/manifest", "/-/stats"):
             if request.method != "GET":
-                raise http.HTTPError(f"GET {path}", status=405, kind="MethodNotAllowed", headers={"Allow": "GET"})
+                raise codec.HTTPError(f"GET {path}", status=405, kind="MethodNotAllowed", headers={"Allow": "GET"})
             body = await (self.manifest() if path == "/-/manifest" else self.stats())
-            return Response(http.json.dumps(body).encode(), media_type=http.JSON_TYPE)
-        raise http.HTTPError(f"no route {path}: POST / to predict, GET /-/manifest, GET /-/stats",
+            return Response(codec.json.dumps(body).encode(), media_type=codec.JSON_TYPE)
+        raise codec.HTTPError(f"no route {path}: POST / to predict, GET /-/manifest, GET /-/stats",
                              status=404, kind="NotFound")
 
     async def _predict(self, request: Request) -> Response:
-        media = request.headers.get("content-type", http.JSON_TYPE).split(";")[0].strip().lower()
-        if media not in (http.JSON_TYPE, http.ARROW_TYPE):
-            raise http.UnsupportedMediaType(
-                f"Content-Type {media!r} is not served; send {http.JSON_TYPE} or {http.ARROW_TYPE}"
+        media = request.headers.get("content-type", codec.JSON_TYPE).split(";")[0].strip().lower()
+        if media not in (codec.JSON_TYPE, codec.ARROW_TYPE):
+            raise codec.UnsupportedMediaType(
+                f"Content-Type {media!r} is not served; send {codec.JSON_TYPE} or {codec.ARROW_TYPE}"
             )
         body = await _read_body(request, self._args.max_request_bytes)
-        if media == http.JSON_TYPE and self._batched is None:
+        if media == codec.JSON_TYPE and self._batched is None:
             # Decoding, the call and encoding all happen in an interpreter: the host only moves bytes.
-            future = self._model.apply(http.predict_json, body, self._inputs, self._output_names)
-            try:
-                answer = await self._outcome(asyncio.wrap_future(future), future)
-            except RemoteError as exc:
-                if isinstance(exc.exception, http.HTTPError):  # the body does not fit the model's signature
-                    raise exc.exception from None
-                raise
-            return Response(answer, media_type=http.JSON_TYPE)
-        if media == http.ARROW_TYPE:
-            inputs = http.decode_arrow(body, self._inputs)
+            future = self._model.apply(codec.predict_json, body, self._inputs, self._output_names)
+            answer = await self._outcome(asyncio.wrap_future(future), future)
+            return Response(answer, media_type=codec.JSON_TYPE)
+        if media == codec.ARROW_TYPE:
+            inputs = codec.decode_arrow(body, self._inputs)
         else:
-            inputs = http.decode_json(body, self._inputs)
-        outputs = http.as_arrays(await self._infer(inputs), self._output_names)
-        if media == http.ARROW_TYPE:
-            return Response(http.encode_arrow(outputs, self._output_names), media_type=http.ARROW_TYPE)
-        return Response(http.encode_json(outputs), media_type=http.JSON_TYPE)
+            inputs = codec.decode_json(body, self._inputs)
+        outputs = codec.as_arrays(await self._infer(inputs), self._output_names)
+        if media == codec.ARROW_TYPE:
+            return Response(codec.encode_arrow(outputs, self._output_names), media_type=codec.ARROW_TYPE)
+        return Response(codec.encode_json(outputs), media_type=codec.JSON_TYPE)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -271,30 +267,33 @@ async def _read_body(request: Request, limit: int) -> bytes:
         try:
             size = int(declared)
         except ValueError:
-            raise http.MalformedRequest(f"Content-Length {declared!r} is not a number") from None
+            raise codec.MalformedRequest(f"Content-Length {declared!r} is not a number") from None
         if size > limit:
-            raise http.PayloadTooLarge(f"the body has {size} bytes, over max_request_bytes ({limit})")
+            raise codec.PayloadTooLarge(f"the body has {size} bytes, over max_request_bytes ({limit})")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise http.PayloadTooLarge(f"the body is over max_request_bytes ({limit})")
+            raise codec.PayloadTooLarge(f"the body is over max_request_bytes ({limit})")
         chunks.append(chunk)
     return b"".join(chunks)
 
 
-def _classify(exc: BaseException, timeout_s: float | None) -> http.HTTPError:
+def _classify(exc: BaseException, timeout_s: float | None) -> codec.HTTPError:
     """The HTTP answer for an exception raised while serving a request."""
-    if isinstance(exc, http.HTTPError):
+    if isinstance(exc, codec.HTTPError):
         return exc
     if isinstance(exc, RequestTimeout):
-        return http.HTTPError(str(exc), status=504, kind="Timeout")
-    if isinstance(exc, RemoteError):
-        return http.HTTPError(f"{exc.remote_type}: {exc.remote_message}", status=500, kind="ModelError")
+        return codec.HTTPError(str(exc), status=504, kind="Timeout")
+    if remote_traceback(exc) is not None:  # raised by the model (or its code) inside an interpreter
+        kind = exc.remote_type if isinstance(exc, RemoteError) else \
+            f"{type(exc).__module__}.{type(exc).__qualname__}".removeprefix("builtins.")
+        message = exc.remote_message if isinstance(exc, RemoteError) else str(exc)
+        return codec.HTTPError(f"{kind}: {message}", status=500, kind="ModelError")
     if isinstance(exc, BrokenInterpreterPool | InterpreterLost):
-        return http.HTTPError(f"this replica cannot serve: {exc}", status=503, kind="Unavailable",
+        return codec.HTTPError(f"this replica cannot serve: {exc}", status=503, kind="Unavailable",
                               headers={"Retry-After": "1"})
-    return http.HTTPError(f"{type(exc).__name__}: {exc}", status=500, kind="InternalError")
+    return codec.HTTPError(f"{type(exc).__name__}: {exc}", status=500, kind="InternalError")
 
 
 def _forget(future: asyncio.Future) -> None:

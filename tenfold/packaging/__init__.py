@@ -6,7 +6,7 @@ from one shared buffer. Loading runs pickled code: load only archives you trust,
 `sha256` (see `archive_sha256`).
 """
 
-from ._archive import Source
+from .archive import Archive, Source, archive_sha256, open_archive, read_manifest, verify_archive
 from .errors import (
     DigestMismatch,
     EntryPointMissing,
@@ -22,11 +22,12 @@ from .errors import (
     TorchVersionWarning,
 )
 from .manifest import Manifest, ReferenceCheck, TensorSpec
-from .reader import archive_sha256, load, read_manifest, verify_archive
+from .reader import load, read_example_inputs
 from .replicated import ReplicatedModel, replicate
 from .writer import repackage, save
 
 __all__ = [
+    "Archive",
     "DigestMismatch",
     "EntryPointMissing",
     "ExternMissing",
@@ -46,6 +47,8 @@ __all__ = [
     "TorchVersionWarning",
     "archive_sha256",
     "load",
+    "open_archive",
+    "read_example_inputs",
     "read_manifest",
     "replicate",
     "repackage",

@@ -13,7 +13,7 @@ class PackageError(Exception):
         super().__init__(f"{archive}: {message}")
         self.archive = archive
 
-    def __reduce__(self):  # noqa: ANN204 - crosses back from interpreters with its archive
+    def __reduce__(self) -> tuple[type[PackageError], tuple[str, str]]:  # crosses back from interpreters
         return (type(self), (self.archive, str(self).removeprefix(f"{self.archive}: ")))
 
 

@@ -19,30 +19,15 @@ Shared weights are read-only, enforced in three layers:
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import sys
 import threading
 import warnings
 from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
-
 from . import _signature
-from ._archive import Archive, Source, _BufferFile, open_source, sha256_of
-from .errors import (
-    DigestMismatch,
-    EntryPointMissing,
-    ExternMissing,
-    ManifestInvalid,
-    ManifestMissing,
-    PackageError,
-    PinMismatch,
-    ReferenceMismatch,
-    SharedWeightWrite,
-    TorchVersionWarning,
-)
-from .manifest import MANIFEST_RECORD, Manifest, content_digest
+from .archive import Archive, Source, _BufferFile, open_archive
+from .errors import PackageError, ReferenceMismatch
 
 if TYPE_CHECKING:
     import torch
@@ -58,35 +43,6 @@ SHARED_WRITE_HINT = (
 def is_shared_write(exc: BaseException) -> bool:
     """True if `exc` is torch refusing an in-place write into a shared (inference) weight."""
     return isinstance(exc, RuntimeError) and _INFERENCE_WRITE in str(exc)
-
-
-def open_archive(source: Source) -> Archive:
-    view, label = open_source(source)
-    return Archive(view, label)
-
-
-def archive_sha256(source: Source) -> str:
-    """Hex sha256 of the archive's bytes: the value to pin with `sha256=`."""
-    view, _ = open_source(source)
-    return sha256_of(view)
-
-
-def read_manifest(source: Source) -> Manifest:
-    """The archive's manifest (reads manifest.json only; no digest is checked)."""
-    return manifest_of(open_archive(source))
-
-
-def verify_archive(source: Source, *, sha256: str | None = None) -> Manifest:
-    """Check the whole archive: zip structure, manifest, content digests, the `sha256` pin, entry point and
-    externs. Returns the manifest; raises a PackageError subclass naming the file and the problem."""
-    archive = open_archive(source)
-    check_pin(archive, sha256)
-    manifest = manifest_of(archive)
-    check_digests(archive, manifest)
-    check_entry(archive, manifest.entry)
-    check_externs(archive, manifest.extern_modules)
-    check_torch_version(archive, manifest)
-    return manifest
 
 
 def load(
@@ -105,8 +61,8 @@ def load(
     `resource` loads a plain torch.package archive (no manifest) from that pickle, e.g. "model/model.pkl".
     `copy_weights=True` copies the weights into private, writable memory.
     """
-    archive = open_archive(source)
-    return load_archive(archive, sha256=sha256, verify=verify, resource=resource, copy_weights=copy_weights)
+    return load_archive(open_archive(source), sha256=sha256, verify=verify, resource=resource,
+                        copy_weights=copy_weights)
 
 
 def load_archive(
@@ -117,140 +73,41 @@ def load_archive(
     resource: str | None = None,
     copy_weights: bool = False,
 ) -> torch.nn.Module:
-    check_pin(archive, sha256)
-    manifest: Manifest | None = None
-    if resource is None or MANIFEST_RECORD in archive:
-        manifest = manifest_of(archive)
-        if verify:
-            check_digests(archive, manifest)
-        check_torch_version(archive, manifest)
-        check_shared_writes(archive, manifest, copy_weights)
-    entry = resource if resource is not None else manifest.entry  # type: ignore[union-attr]
-    check_entry(archive, entry)
-    check_externs(archive, manifest.extern_modules if manifest else _archive_externs(archive))
+    """`load` for an archive already opened."""
+    if resource is not None and not archive.has_manifest:  # a plain torch.package archive
+        archive.check_pin(sha256)
+        archive.check_entry(resource)
+        archive.check_externs()
+        return _unpickle(archive, resource, copy_weights)
+    if verify:
+        archive.check_pin(sha256)
+        archive.check_digests()
+    manifest = archive.check_loadable(sha256=None if verify else sha256, copy_weights=copy_weights)
+    entry = resource if resource is not None else manifest.entry
+    archive.check_entry(entry)
     model = _unpickle(archive, entry, copy_weights)
-    if verify and manifest is not None and manifest.reference is not None:
-        check_reference(archive, manifest, model)
+    if verify and manifest.reference is not None:
+        check_reference(archive, model)
     return model
 
 
-# -- checks ----------------------------------------------------------------------------------------
-
-
-def manifest_of(archive: Archive) -> Manifest:
-    if MANIFEST_RECORD not in archive:
-        raise ManifestMissing(
-            archive.label,
-            "no manifest.json: this archive was not made by tenfold.packaging.save. Load it by naming its pickle "
-            "(load(path, resource='model/model.pkl')) or add a manifest with "
-            "`tenfold package --from-torch-package ARCHIVE --resource model/model.pkl`",
-        )
-    try:
-        return Manifest.model_validate_json(archive.read(MANIFEST_RECORD))
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'manifest'}: {e['msg']}" for e in exc.errors()[:5])
-        raise ManifestInvalid(
-            archive.label, f"manifest.json is invalid ({problems}); it was damaged or edited: package the model again"
-        ) from None
-
-
-def check_pin(archive: Archive, sha256: str | None) -> None:
-    if sha256 is None:
-        return
-    actual = sha256_of(archive.view)
-    if actual != sha256.lower():
-        raise PinMismatch(
-            archive.label,
-            f"sha256 is {actual}, but {sha256} was pinned: this is not the archive you pinned. "
-            "Fetch the right one, or pin the new digest if the change is intended",
-        )
-
-
-def check_digests(archive: Archive, manifest: Manifest) -> None:
-    if content_digest(manifest) != manifest.content_sha256:
-        raise DigestMismatch(
-            archive.label,
-            "manifest.json was edited after packaging (its content_sha256 does not match its fields); "
-            "get an intact copy or package the model again",
-        )
-    present = set(archive.names()) - {MANIFEST_RECORD}
-    expected = set(manifest.record_sha256)
-    problems = [f"{n} missing" for n in sorted(expected - present)]
-    problems += [f"{n} added" for n in sorted(present - expected)]
-    problems += [f"{n} changed" for n in sorted(expected & present) if archive.sha256(n) != manifest.record_sha256[n]]
-    if problems:
-        shown = ", ".join(problems[:10]) + (f" and {len(problems) - 10} more" if len(problems) > 10 else "")
-        raise DigestMismatch(
-            archive.label,
-            f"content does not match the manifest's digests ({shown}): the archive was modified or damaged "
-            "after packaging; get an intact copy or package the model again",
-        )
-
-
-def check_shared_writes(archive: Archive, manifest: Manifest, copy_weights: bool) -> None:
-    if manifest.writes_weights and not copy_weights:
-        raise SharedWeightWrite(
-            archive.label,
-            f"model {manifest.name!r} writes into its weights during inference (it changed "
-            f"{', '.join(manifest.writes_weights[:5])} when it ran at packaging); weights loaded by tenfold are "
-            "shared by every interpreter and read-only: load it with copy_weights=True",
-        )
-
-
-def check_entry(archive: Archive, entry: str) -> None:
-    if entry not in archive:
-        pickles = sorted(n for n in archive.names() if n.endswith(".pkl"))
-        raise EntryPointMissing(
-            archive.label,
-            f"the entry point {entry!r} is not in the archive; pickles it holds: {pickles or 'none'}",
-        )
-
-
-def _archive_externs(archive: Archive) -> list[str]:
-    if ".data/extern_modules" not in archive:
-        return []
-    return [m for m in archive.read(".data/extern_modules").decode().split("\n") if m]
-
-
-def check_externs(archive: Archive, modules: list[str]) -> None:
-    missing = []
-    for name in modules:
-        if name in sys.modules:
-            continue
-        try:
-            found = importlib.util.find_spec(name) is not None
-        except (ImportError, ValueError):
-            found = False
-        if not found:
-            missing.append(name)
-    if missing:
-        raise ExternMissing(
-            archive.label,
-            f"needs module(s) {', '.join(missing)} from this environment (extern), but they cannot be imported "
-            "here; install them, or package the model with them interned",
-        )
-
-
-def check_torch_version(archive: Archive, manifest: Manifest) -> None:
+def read_example_inputs(source: Source) -> tuple[Any, ...]:
+    """The example inputs stored in the archive at packaging (its reference run's inputs)."""
     import torch
 
-    def major_minor(v: str) -> tuple[str, ...]:
-        return tuple(v.split("+")[0].split(".")[:2])
-
-    if major_minor(manifest.torch_version) != major_minor(torch.__version__):
-        warnings.warn(
-            TorchVersionWarning(
-                f"{archive.label}: packaged with torch {manifest.torch_version}, loaded with torch "
-                f"{torch.__version__}; if loading fails or outputs differ, package the model again with this torch"
-            ),
-            stacklevel=4,
-        )
+    archive = open_archive(source)
+    ref = archive.manifest.reference
+    if ref is None:
+        raise PackageError(archive.label, "the archive holds no example inputs (no reference run was recorded)")
+    return tuple(torch.load(io.BytesIO(archive.read(ref.resource)), weights_only=True)["inputs"])
 
 
-def check_reference(archive: Archive, manifest: Manifest, model: Any) -> None:
+def check_reference(archive: Archive, model: Any) -> None:
+    """ReferenceMismatch unless `model` gives, on the example inputs stored at packaging, the output recorded
+    then (within the manifest's tolerances)."""
     import torch
 
-    ref = manifest.reference
+    ref = archive.manifest.reference
     if ref is None:
         return
     stored = torch.load(io.BytesIO(archive.read(ref.resource)), weights_only=True)

@@ -14,10 +14,10 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from . import _signature
-from ._archive import Source, open_source
-from .errors import PackageError, SharedWeightWrite
+from .archive import Archive, Source, open_source
+from .errors import SharedWeightWrite
 from .manifest import Manifest
-from .reader import is_shared_write, load_archive, open_archive
+from .reader import is_shared_write, load_archive
 
 if TYPE_CHECKING:
     from tenfold.runtime import InterpreterPool
@@ -52,7 +52,7 @@ class ReplicatedModel:
     def submit(self, *inputs: Any) -> Future:
         """Check `inputs`, then run the model on them in the next free interpreter."""
         self.check_inputs(inputs)
-        return self._submit(_run, inputs)
+        return self._submit(_apply, (_call, inputs))
 
     def apply(self, fn: Callable[..., Any], /, *args: Any) -> Future:
         """Run `fn(model, *args)` in the next free interpreter, with the model as loaded there (under
@@ -62,7 +62,13 @@ class ReplicatedModel:
         """
         return self._submit(_apply, (fn, args))
 
-    def _submit(self, runner: Callable[..., Any], payload: tuple[Any, ...]) -> Future:
+    def broadcast(self, fn: Callable[..., Any], /, *args: Any) -> list[Any]:
+        """Run `fn(model, *args)` once in every interpreter (e.g. to inspect each copy); results in
+        interpreter order."""
+        self._check_usable()
+        return self._pool.broadcast(_apply, self._id, (fn, args))
+
+    def _check_usable(self) -> None:
         if self._closed:
             raise RuntimeError(f"model {self.manifest.name!r} ({self._label}) was closed")
         if self._poisoned is not None:
@@ -71,6 +77,9 @@ class ReplicatedModel:
                 f"model {self.manifest.name!r} wrote into its shared weights in an earlier call, so they no longer "
                 "hold the archive's values; close it and replicate the archive again (with copy_weights=True)",
             ) from self._poisoned
+
+    def _submit(self, runner: Callable[..., Any], payload: tuple[Any, ...]) -> Future:
+        self._check_usable()
         outer: Future = Future()
         inner = self._pool.submit(runner, self._id, payload)
         self._calls[outer] = inner
@@ -99,10 +108,6 @@ class ReplicatedModel:
         if exc is None:
             outer.set_result(inner.result())
             return
-        original = getattr(exc, "exception", None)  # RemoteError carries the interpreter's exception
-        if isinstance(original, PackageError):
-            original.__cause__ = exc  # keeps the interpreter's traceback
-            exc = original
         if isinstance(exc, SharedWeightWrite):
             self._poisoned = exc
         outer.set_exception(exc)
@@ -145,29 +150,20 @@ def replicate(
     """
     import pickle
 
-    from .reader import check_pin, check_shared_writes, check_torch_version, manifest_of
-
     view, label = open_source(source)
-    archive = open_archive(view)
-    archive.label = label
-    check_pin(archive, sha256)
-    manifest = manifest_of(archive)
-    check_torch_version(archive, manifest)
-    check_shared_writes(archive, manifest, copy_weights)
+    archive = Archive(view, label)
+    manifest = archive.check_loadable(sha256=sha256, copy_weights=copy_weights)
     model_id = uuid.uuid4().hex
     with _host_lock:
         _host_buffers[model_id] = view
     try:
         pool.broadcast(_load, model_id, pickle.PickleBuffer(view), label, copy_weights)
-    except BaseException as exc:
+    except BaseException:
         try:
             pool.broadcast(_drop, model_id)
         finally:
             with _host_lock:
                 _host_buffers.pop(model_id, None)
-        original = getattr(exc, "exception", None)
-        if isinstance(original, PackageError):
-            raise original from exc
         raise
     return ReplicatedModel(pool, model_id, manifest, label)
 
@@ -176,14 +172,9 @@ def replicate(
 
 
 def _load(model_id: str, buffer: Any, label: str, copy_weights: bool) -> bool:
-    archive = open_archive(buffer)
-    archive.label = label
+    archive = Archive(open_source(buffer)[0], label)
     _models[model_id] = (load_archive(archive, copy_weights=copy_weights), label)
     return True
-
-
-def _run(model_id: str, inputs: tuple[Any, ...]) -> Any:
-    return _apply(model_id, (_call, inputs))
 
 
 def _call(model: Any, *inputs: Any) -> Any:
@@ -213,22 +204,3 @@ def _apply(model_id: str, call: tuple[Callable[..., Any], tuple[Any, ...]]) -> A
 
 def _drop(model_id: str) -> bool:
     return _models.pop(model_id, None) is not None
-
-
-def _weight_addresses(model_id: str) -> list[tuple[int, int]]:
-    """(data_ptr, nbytes) of every parameter and buffer of a loaded model (to check where weights live)."""
-    model = _models[model_id][0]
-    tensors = list(model.parameters()) + list(model.buffers())
-    return [(t.data_ptr(), t.numel() * t.element_size()) for t in tensors]
-
-
-def _touch(model_id: str) -> float:
-    """Read every byte of a loaded model's weights (to measure what sharing them costs)."""
-    import torch
-
-    model = _models[model_id][0]
-    total = 0.0
-    with torch.no_grad():
-        for t in list(model.parameters()) + list(model.buffers()):
-            total += float(t.sum() if t.is_floating_point() else t.double().sum())
-    return total

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import _signature
-from ._archive import Archive, open_source
+from .archive import Archive, open_archive, open_source
 from .errors import PackagingFailed
 from .manifest import MANIFEST_RECORD, Manifest, ReferenceCheck, content_digest
 
@@ -72,21 +72,14 @@ def repackage(
     import torch
     from torch.package import PackageImporter, sys_importer
 
-    from .reader import check_entry, open_archive
-
     archive = open_archive(source)
-    check_entry(archive, resource)
+    archive.check_entry(resource)
     importer = PackageImporter(os.fspath(source))
     package, _, res = resource.rpartition("/")
     model = importer.load_pickle(package.replace("/", "."), res)
     if not isinstance(model, torch.nn.Module):
         raise PackagingFailed(archive.label, f"{resource!r} holds a {type(model).__name__}, not a torch.nn.Module")
-    modules = sorted(
-        n[: -len("/__init__.py")].replace("/", ".") if n.endswith("/__init__.py") else n[:-3].replace("/", ".")
-        for n in archive.names()
-        if n.endswith(".py") and not n.startswith(".data/")
-    )
-    return _save(model, path, example_inputs=example_inputs, name=name or Path(source).stem, intern=modules,
+    return _save(model, path, example_inputs=example_inputs, name=name or Path(source).stem, intern=archive.modules(),
                  extern=list(importer.extern_modules), mock=(), dynamic=dynamic, progress=progress,
                  importer=(importer, sys_importer))
 
@@ -244,7 +237,7 @@ def _finish(
     digests = {}
     storages = set(archive.storages())
     for record in archive.names():
-        digests[record] = archive.sha256(record)
+        digests[record] = archive.record_sha256(record)
         if progress is not None and record in storages:
             progress(archive.records[record].size)
     manifest = Manifest(
@@ -252,7 +245,7 @@ def _finish(
         entry=f"{ENTRY_PACKAGE}/{ENTRY_RESOURCE}",
         inputs=specs,
         outputs=out_specs,
-        output_structure=structure,
+        output_structure=structure,  # type: ignore[arg-type]  # one of the four, by flatten_output
         torch_version=torch.__version__,
         python_version=platform.python_version(),
         interned_modules=sorted(interned),

@@ -1,17 +1,21 @@
 """tenfold.runtime: several isolated CPython interpreters in one process, behind an Executor."""
 
+from ._glibc import GLIBC_TUNABLES, static_tls_ready, with_glibc_tunables
 from .errors import (
     BrokenInterpreterPool,
     InterpreterLost,
     InterpreterStartError,
     PlatformNotSupported,
     RemoteError,
+    RemoteTraceback,
     RuntimeFault,
+    remote_traceback,
 )
-from .pool import InterpreterPool, interpreters_alive, usable_cores
+from .pool import InterpreterPool, interpreters_alive, interpreters_parked, usable_cores
 from .stats import InterpreterStats, PoolStats
 
 __all__ = [
+    "GLIBC_TUNABLES",
     "BrokenInterpreterPool",
     "InterpreterLost",
     "InterpreterPool",
@@ -20,7 +24,12 @@ __all__ = [
     "PlatformNotSupported",
     "PoolStats",
     "RemoteError",
+    "RemoteTraceback",
     "RuntimeFault",
     "interpreters_alive",
+    "interpreters_parked",
+    "remote_traceback",
+    "static_tls_ready",
     "usable_cores",
+    "with_glibc_tunables",
 ]

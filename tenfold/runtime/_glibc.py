@@ -2,7 +2,8 @@
 
 This is the only module in tenfold that talks to the dynamic loader. Everything in it exists because
 stock CPython and stock wheels were never meant to be loaded twice into one process; each workaround
-is labelled with the pitfall it answers (numbers as in the project's runtime notes):
+is labelled with the pitfall it answers, numbered as in docs/runtime-pitfalls.md (symptom, fix, and
+the test that would catch its return):
 
 1. pthread key indexes collide between libc copies  -> reserve a key block per namespace
 2. RTLD_GLOBAL inside a namespace crashes glibc     -> patched out in the guest bootstrap
@@ -20,6 +21,8 @@ import os
 import sys
 import sysconfig
 import threading
+from collections.abc import Mapping
+from typing import Any
 
 from .errors import InterpreterStartError, PlatformNotSupported
 
@@ -30,7 +33,10 @@ MAX_NAMESPACES = 15
 #: each bring initial-exec TLS into every namespace). Measured: 4,096 bytes each leaves headroom.
 STATIC_TLS_PER_INTERPRETER = 4096
 TUNABLE = "glibc.rtld.optional_static_tls"
-RECOMMENDED_TUNABLES = f"{TUNABLE}={STATIC_TLS_PER_INTERPRETER * 16}"
+
+#: The GLIBC_TUNABLES value a process that hosts interpreters needs from its start (pitfall 3): static TLS
+#: for every namespace glibc allows. `./dev` and the `tenfold` command set it; tests check they agree.
+GLIBC_TUNABLES = f"{TUNABLE}={STATIC_TLS_PER_INTERPRETER * 16}"
 
 _LM_ID_NEWLM = -1
 _RTLD_NOW = 0x2
@@ -118,6 +124,21 @@ def reserved_static_tls() -> int:
     return 0
 
 
+def static_tls_ready() -> bool:
+    """True if this process reserved static TLS for every namespace glibc allows."""
+    return reserved_static_tls() >= STATIC_TLS_PER_INTERPRETER * MAX_NAMESPACES
+
+
+def with_glibc_tunables(env: Mapping[str, str]) -> dict[str, str]:
+    """A copy of `env` for a child process that will host interpreters: GLIBC_TUNABLES reserves the
+    static TLS they need (added to any tunables already there)."""
+    out = dict(env)
+    current = out.get("GLIBC_TUNABLES", "")
+    if TUNABLE not in current:
+        out["GLIBC_TUNABLES"] = f"{current}:{GLIBC_TUNABLES}" if current else GLIBC_TUNABLES
+    return out
+
+
 def check_capacity(wanted: int, alive: int) -> None:
     """Raise ValueError if `wanted` more namespaces (with `alive` already running) cannot be hosted."""
     if alive + wanted > MAX_NAMESPACES:
@@ -131,7 +152,7 @@ def check_capacity(wanted: int, alive: int) -> None:
         have = f"reserves only {reserved} bytes of" if reserved else "does not reserve"
         raise ValueError(
             f"GLIBC_TUNABLES {have} optional static TLS ({TUNABLE}), but {alive + wanted} interpreter(s) "
-            f"need {needed} bytes. Set GLIBC_TUNABLES={RECOMMENDED_TUNABLES} in the environment before the "
+            f"need {needed} bytes. Set GLIBC_TUNABLES={GLIBC_TUNABLES} in the environment before the "
             "process starts (glibc reads it only at start-up): export it in the shell, pass it in Ray's "
             "runtime_env env_vars, or run through the `tenfold` command, which sets it and re-executes"
         )
@@ -194,7 +215,7 @@ class Namespace:
             self._dlsym = libc.dlsym
             self._burn_keys()
 
-    def sym(self, name: str, restype=None, argtypes=()):  # noqa: ANN001
+    def sym(self, name: str, restype: Any = None, argtypes: tuple[Any, ...] = ()) -> Any:
         """A C function of this namespace (libpython or its libc), callable from any host thread."""
         addr = self._dlsym(self.handle, name.encode())
         if not addr:
@@ -219,15 +240,6 @@ class Namespace:
                 break
         if key.value >= self.key_block and self.key_block:
             raise InterpreterStartError(f"namespace libc handed out key {key.value} past its block {self.key_block}")
-
-    def keys_used(self) -> int:
-        """How many keys of its block the namespace's libc has handed out so far (for tests)."""
-        create = self.sym("pthread_key_create", ctypes.c_int, (ctypes.POINTER(ctypes.c_uint), ctypes.c_void_p))
-        delete = self.sym("pthread_key_delete", ctypes.c_int, (ctypes.c_uint,))
-        key = ctypes.c_uint()
-        create(ctypes.byref(key), None)
-        delete(key.value)
-        return key.value - self.key_block
 
     def enter_thread(self) -> None:
         """Make the calling host thread able to run code in this namespace (pitfalls 4 and 5)."""

@@ -21,18 +21,33 @@ _state: dict[str, Any] = {}
 
 
 class RemoteFailure:
-    """An exception raised in the interpreter, reduced to what can always cross back."""
+    """An exception raised in the interpreter, as it crosses back: its type, message and traceback as text,
+    and the exception itself pickled (None if it does not pickle), to be re-created by the caller."""
 
-    def __init__(self, exc: BaseException, *, copy: bool = True) -> None:
+    def __init__(self, exc: BaseException) -> None:
         self.type_name = f"{type(exc).__module__}.{type(exc).__qualname__}".removeprefix("builtins.")
         self.message = str(exc)
         self.traceback = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        self.exception: BaseException | None = exc
-        if copy:  # what crosses back must unpickle in the caller; an exception that cannot is dropped
+        try:
+            self.pickled: bytes | None = pickle.dumps(exc, 5)
+        except Exception:  # noqa: BLE001 - the caller gets a RemoteError with the text instead
+            self.pickled = None
+
+    def rebuild(self) -> BaseException:
+        """The exception to raise in the caller: the original, re-created, with the interpreter's traceback
+        as its cause; or a RemoteError carrying the text where it cannot be re-created here."""
+        from .errors import RemoteError, RemoteTraceback
+
+        exc: BaseException | None = None
+        if self.pickled is not None:
             try:
-                self.exception = pickle.loads(pickle.dumps(exc))
-            except Exception:
-                self.exception = None
+                exc = pickle.loads(self.pickled)
+            except Exception:  # noqa: BLE001 - e.g. its class lives only in the interpreter's modules
+                exc = None
+        if not isinstance(exc, BaseException):
+            return RemoteError(self.type_name, self.message, self.traceback)
+        exc.__cause__ = RemoteTraceback(self.traceback)
+        return exc
 
 
 _blocks: dict[int, _wire.RemoteBlock] = {}

@@ -1,7 +1,8 @@
 """One interpreter and the one thread that owns it for life.
 
-Both backends expose the same small surface to the pool: `post(job)` runs `job()` on the owner thread;
-`call(fn, args, kwargs)` (owner thread only) runs `fn` in the interpreter and returns its result.
+Both backends give the pool the same small surface, the `Interpreter` protocol: `post(job)` runs `job()`
+on the owner thread; `call(fn, args, kwargs)` (owner thread only) runs `fn` in the interpreter and
+returns its result; `interrupt(call_id)` stops a running call from any thread.
 """
 
 from __future__ import annotations
@@ -12,19 +13,14 @@ import pickle
 import queue
 import sys
 import threading
-import time
+import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from . import _glibc, _wire
-from ._guest import RemoteFailure
-from .errors import InterpreterStartError, RemoteError
+from .errors import InterpreterStartError, RemoteError, RemoteTraceback
 
 _ERR_SIZE = 1 << 16
-
-
-def _raise_remote(failure: RemoteFailure) -> None:
-    raise RemoteError(failure.type_name, failure.message, failure.traceback, failure.exception)
 
 
 _HOST_SET_ASYNC_EXC = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.py_object)(
@@ -33,6 +29,29 @@ _HOST_SET_ASYNC_EXC = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.py_
 _HOST_CLEAR_ASYNC_EXC = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)(
     ("PyThreadState_SetAsyncExc", ctypes.pythonapi)
 )
+
+
+class Interpreter(Protocol):
+    """What the pool needs of an interpreter, whichever backend runs it."""
+
+    backend: str
+    call_id: int  # id of the latest call; the one running while the owner thread is in `call`
+    start_error: BaseException | None
+
+    def post(self, job: Callable[[], Any] | None) -> None:
+        """Run `job()` on the owner thread, after the jobs posted before it."""
+
+    def wait_ready(self) -> None:
+        """Block until the interpreter can take calls; raise why it cannot."""
+
+    def call(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Run `fn(*args, **kwargs)` in the interpreter and return its result (owner thread only)."""
+
+    def interrupt(self, call_id: int) -> None:
+        """Raise TimeoutError inside the interpreter if call `call_id` is still running there."""
+
+    def stop(self) -> None:
+        """Let the owner thread end once its queued jobs are done, where the backend allows it."""
 
 
 class _OwnedThread:
@@ -45,7 +64,6 @@ class _OwnedThread:
         self._inbox: queue.SimpleQueue[Callable[[], Any] | None] = queue.SimpleQueue()
         self._ready = threading.Event()
         self.start_error: BaseException | None = None
-        self.start_seconds = 0.0
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.thread.start()
 
@@ -57,17 +75,11 @@ class _OwnedThread:
         if self.start_error is not None:
             raise self.start_error
 
-    @property
-    def ident(self) -> int | None:
-        return self.thread.ident
-
     def _run(self) -> None:
-        t0 = time.perf_counter()
         try:
             self._boot()
         except BaseException as exc:  # noqa: BLE001 - reported through wait_ready
             self.start_error = exc
-        self.start_seconds = time.perf_counter() - t0
         self._ready.set()
         while True:
             job = self._inbox.get()
@@ -108,9 +120,10 @@ class ThreadInterpreter(_OwnedThread):
                 if self._interrupted:  # an interrupt that came as the call ended must not hit the next one
                     self._interrupted = False
                     _HOST_CLEAR_ASYNC_EXC(self.thread.ident, None)
-        except Exception as exc:  # the same error type as the namespaces backend gives
-            failure = RemoteFailure(exc, copy=False)
-            raise RemoteError(failure.type_name, failure.message, failure.traceback, exc) from None
+        except Exception as exc:  # raised as the namespaces backend raises it: with the traceback as its cause
+            tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+            exc.__cause__ = RemoteTraceback(tb)
+            raise
 
     def interrupt(self, call_id: int) -> None:
         """Raise TimeoutError in the thread if call `call_id` is still running there."""
@@ -225,7 +238,7 @@ class NamespaceInterpreter(_OwnedThread):
         self._handler(block.address)
         status = slots[w.STATUS]
         if status == w.STATUS_NONE:
-            raise RemoteError("TimeoutError", "the call was interrupted before it could answer", "")
+            raise TimeoutError("the call was interrupted before it could answer")
         size = slots[w.RESULT_SIZE]
         result = block.response[:size] if not slots[w.RESULT] else ctypes.string_at(slots[w.RESULT], size)
         if slots[w.NRESULT_BUFFERS]:
@@ -238,14 +251,14 @@ class NamespaceInterpreter(_OwnedThread):
             rbufs = []
         del data, pbufs
         try:
-            obj = _wire.loads(result, rbufs)
+            obj = _wire.loads(bytes(result) if isinstance(result, memoryview) else result, rbufs)
             del result
         except Exception as exc:
             raise RemoteError(
                 type(exc).__name__, f"the result could not be unpickled in the caller: {exc}", ""
             ) from exc
         if status == _wire.STATUS_ERROR:
-            _raise_remote(obj)
+            raise obj.rebuild()
         return obj
 
     def stop(self) -> None:

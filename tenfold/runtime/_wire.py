@@ -209,7 +209,7 @@ def view_buffers(addr: int, count: int) -> list[memoryview]:
 
 def copy_buffers(addr: int, count: int) -> list[bytearray]:
     """Private copies of the other side's buffers, for results that outlive the call."""
-    out = []
+    out: list[bytearray] = []
     if not count:
         return out
     for d in (BufferDesc * count).from_address(addr):

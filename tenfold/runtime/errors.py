@@ -25,21 +25,37 @@ class InterpreterLost(RuntimeFault):
     """An interpreter stopped answering (stuck in native code) and was taken out of service."""
 
 
-class RemoteError(Exception):
-    """`fn` raised inside an interpreter. The message carries the remote type, message and traceback.
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised inside an interpreter, kept as the `__cause__` of the exception
+    the caller sees (as `concurrent.futures.ProcessPoolExecutor` does), so that it prints with it."""
 
-    `remote_type`, `remote_message` and `remote_traceback` hold the parts; `exception` is the original
-    exception object when it could be pickled back, else None.
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return self.tb
+
+
+def remote_traceback(exc: BaseException) -> str | None:
+    """The interpreter's traceback if `exc` was raised by `fn` inside an interpreter, else None."""
+    if isinstance(exc, RemoteError):
+        return exc.remote_traceback
+    cause = exc.__cause__
+    return cause.tb if isinstance(cause, RemoteTraceback) else None
+
+
+class RemoteError(Exception):
+    """`fn` raised an exception inside an interpreter that cannot be re-created in the caller (it does not
+    pickle, or its class cannot be imported here). The message carries the remote type, message and
+    traceback; an exception that can be re-created is raised as itself instead.
     """
 
-    def __init__(
-        self, remote_type: str, remote_message: str, remote_traceback: str, exception: BaseException | None = None
-    ) -> None:
+    def __init__(self, remote_type: str, remote_message: str, remote_traceback: str) -> None:
         super().__init__(f"{remote_type}: {remote_message}\n\nRemote traceback:\n{remote_traceback}")
         self.remote_type = remote_type
         self.remote_message = remote_message
         self.remote_traceback = remote_traceback
-        self.exception = exception
 
-    def __reduce__(self):  # noqa: ANN204
-        return (type(self), (self.remote_type, self.remote_message, self.remote_traceback, self.exception))
+    def __reduce__(self) -> tuple[type[RemoteError], tuple[str, str, str]]:
+        return (type(self), (self.remote_type, self.remote_message, self.remote_traceback))

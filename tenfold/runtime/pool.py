@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import functools
 import os
 import sys
 import threading
@@ -15,7 +16,7 @@ from concurrent.futures import Executor, Future, InvalidStateError
 from typing import Any, Literal
 
 from . import _glibc, _guest
-from ._interpreter import NamespaceInterpreter, ThreadInterpreter
+from ._interpreter import Interpreter, NamespaceInterpreter, ThreadInterpreter
 from .errors import BrokenInterpreterPool, InterpreterLost, InterpreterStartError, PlatformNotSupported
 from .stats import BusyMeter, InterpreterStats, PoolStats
 
@@ -61,7 +62,7 @@ class _WorkItem:
 class _Slot:
     """A pool's hold on one interpreter: its queue and its figures."""
 
-    def __init__(self, index: int, interpreter: Any, window_s: float) -> None:
+    def __init__(self, index: int, interpreter: Interpreter, window_s: float) -> None:
         self.index = index
         self.interpreter = interpreter
         self.queue: collections.deque[_WorkItem] = collections.deque()
@@ -133,7 +134,7 @@ class InterpreterPool(Executor):
 
     # -- start-up -----------------------------------------------------------------------------
 
-    def _acquire(self, size: int) -> list[Any]:
+    def _acquire(self, size: int) -> list[Interpreter]:
         global _alive
         if self.backend == "threads":
             return [ThreadInterpreter(f"tenfold-thread-{i}") for i in range(size)]
@@ -158,7 +159,7 @@ class InterpreterPool(Executor):
             with _registry_lock:  # a failed interpreter is never reused, but its thread lives on
                 _parked.extend(reused + [it for it in started if it.start_error is None])
             raise InterpreterStartError(f"{len(failures)} of {size} interpreter(s) failed to start") from failures[0]
-        return reused + started
+        return [*reused, *started]
 
     def _prepare(self, initializer: Callable[..., Any] | None, initargs: tuple) -> None:
         if self.backend == "namespaces":
@@ -210,7 +211,7 @@ class InterpreterPool(Executor):
         """Stop the call behind `future`, e.g. once it ran past a deadline.
 
         A queued call is cancelled. A running one gets TimeoutError raised inside its interpreter (a
-        pure-Python loop stops there, and the future fails with a RemoteError of type TimeoutError).
+        pure-Python loop stops there, and the future fails with that TimeoutError).
         If the interpreter has not returned after `grace_s` (stuck in native code), it is marked lost:
         the pool stops routing to it, its queued calls move to the others, the future fails with
         InterpreterLost, and `stats()` says so. Returns True once the interpreter is free again.
@@ -218,10 +219,11 @@ class InterpreterPool(Executor):
         if future.cancel() or future.done():
             return True
         with self._lock:
-            slot = next((s for s in self._slots if s.current is not None and s.current[0] is future), None)
-            if slot is None:
+            found = next(((s, s.current[1]) for s in self._slots if s.current is not None and s.current[0] is future),
+                         None)
+            if found is None:
                 return future.done()
-            call_id = slot.current[1]
+            slot, call_id = found
         slot.interpreter.interrupt(call_id)
         done = _wait_done(future, grace_s)
         if done:
@@ -239,7 +241,7 @@ class InterpreterPool(Executor):
                 if live:
                     target = min(live, key=lambda s: s.pending)
                     target.queue.append(item)
-                    target.interpreter.post(lambda t=target: self._run_next(t))
+                    target.interpreter.post(functools.partial(self._run_next, target))
                 else:
                     _fail(item.future, BrokenInterpreterPool("every interpreter of this pool was lost"))
         _fail(future, InterpreterLost(reason))
@@ -324,7 +326,7 @@ class InterpreterPool(Executor):
 def _release_all(slots: list[_Slot]) -> None:
     """Give each slot's interpreter back once the work queued before this call is done."""
     for slot in slots:
-        slot.interpreter.post(lambda slot=slot: _release(slot))
+        slot.interpreter.post(functools.partial(_release, slot))
 
 
 def _release(slot: _Slot) -> None:
@@ -357,6 +359,7 @@ def interpreters_alive() -> int:
 
 
 def interpreters_parked() -> int:
+    """Namespace interpreters alive in this process that no pool holds (the next pool takes them)."""
     return len(_parked)
 
 

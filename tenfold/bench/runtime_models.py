@@ -159,8 +159,9 @@ def process_worker(conn: Any, go: Any) -> None:
         if op == "stop":
             return
         try:
+            result: Any = None
             if op == "load":
-                result: Any = load(*args)
+                load(*args)
             elif op == "info":
                 result = worker_info()
             elif op == "arm":

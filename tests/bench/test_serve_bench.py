@@ -3,22 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from support import ROOT, subprocess_env
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="namespace interpreters need glibc")
 
 
 def test_one_round_compares_tenfold_with_plain_replicas(tmp_path: Path) -> None:
-    env = dict(os.environ, GLIBC_TUNABLES="glibc.rtld.optional_static_tls=65536")
-    env.pop("RAY_ADDRESS", None)  # its own local Ray, as a user's run has
+    env = subprocess_env()  # its own local Ray, as a user's run has
     cmd = [sys.executable, "-m", "tenfold", "bench", "serve", "--models", "rnn_tagger", "--setups", "tenfold,plain",
            "--rounds", "2", "--seconds", "1", "--warmup-s", "0.5", "--concurrency", "4", "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "tenfold/plain throughput" in proc.stdout
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _packaging_models import AlwaysWrites, TwoInputs, WritesOnLargeInput, small
+from testmodels.packaging_models import AlwaysWrites, TwoInputs, WritesOnLargeInput, small
 from torch.package import PackageExporter, PackageImporter
 
 import tenfold.packaging as tp
@@ -61,7 +61,7 @@ def test_manifest_records_signature_versions_and_weights(archive: Path) -> None:
     assert m.outputs == [tp.TensorSpec(name="output", dtype="float32", shape=[None, 4])]
     assert m.torch_version == torch.__version__
     assert m.python_version == ".".join(map(str, sys.version_info[:3]))
-    assert "_packaging_models" in m.interned_modules and "torch" in m.extern_modules
+    assert "testmodels.packaging_models" in m.interned_modules and "torch" in m.extern_modules
     params = small().state_dict()
     assert m.weight_bytes == sum(t.numel() * t.element_size() for t in params.values())
     assert m.tensor_count == len(params)
@@ -238,7 +238,7 @@ def test_truncated(archive: Path, tmp_path: Path) -> None:
 def test_manifest_missing(tmp_path: Path) -> None:
     plain = tmp_path / "plain.pt"
     with PackageExporter(str(plain)) as exp:
-        exp.intern("_packaging_models")
+        exp.intern("testmodels.**")
         exp.save_pickle("model", "model.pkl", small())
     for call in (tp.load, tp.read_manifest, tp.verify_archive):
         with pytest.raises(tp.ManifestMissing, match="resource='model/model.pkl'") as e:
@@ -396,7 +396,7 @@ def test_plain_torch_package_loads_a_tenfold_archive(archive: Path) -> None:
 def test_tenfold_loads_a_plain_torch_package_by_resource(tmp_path: Path) -> None:
     plain = tmp_path / "plain.pt"
     with PackageExporter(str(plain)) as exp:
-        exp.intern("_packaging_models")
+        exp.intern("testmodels.**")
         exp.save_pickle("nets", "small.pkl", small())
     model = tp.load(plain, resource="nets/small.pkl", verify=True)
     assert torch.equal(model(X), small()(X))
@@ -405,7 +405,7 @@ def test_tenfold_loads_a_plain_torch_package_by_resource(tmp_path: Path) -> None
     assert all(inside(p.data_ptr(), arr.ctypes.data, arr.nbytes) for p in zero_copy.parameters())
     out = tmp_path / "with_manifest.pt"
     m = tp.repackage(plain, out, resource="nets/small.pkl", example_inputs=(X,))
-    assert m.name == "plain" and "_packaging_models" in m.interned_modules
+    assert m.name == "plain" and "testmodels.packaging_models" in m.interned_modules
     assert torch.equal(tp.load(out, verify=True)(X), small()(X))
 
 

@@ -1,6 +1,6 @@
 """`tenfold bench runtime`: namespace interpreters against threads, processes and TorchScript.
 
-One run measures, side by side and on the same models (see `_bench_models`):
+One run measures, side by side and on the same models (see `runtime_models`):
 
 - throughput of N namespace interpreters, N threads of one interpreter, N spawned processes and a
   TorchScript module driven by N host threads, every worker limited to one intra-op thread;
@@ -9,7 +9,7 @@ One run measures, side by side and on the same models (see `_bench_models`):
 - host -> interpreter -> host round trip of a trivial call, from the pool's owner thread and through
   `pool.submit(...).result()`;
 
-and checks the figures issue 2 asks for. Start-up and memory are measured in fresh processes, because
+and checks them against the runtime's targets. Start-up and memory are measured in fresh processes, because
 a process keeps its interpreters for life and would otherwise hand the measurement a warm one.
 """
 
@@ -28,7 +28,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from . import _bench_models
+from tenfold.runtime.pool import Backend
+
+from . import runtime_models
 
 MODES = ("interpreters", "threads", "processes", "torchscript")
 MODE_LABELS = {
@@ -71,7 +73,7 @@ class BenchConfig:
         """Defaults for the full run, or for `quick` (a smoke run whose figures are not to be quoted)."""
         return cls(
             sizes=sizes,
-            models=models or (["mlp", "conv"] if quick else list(_bench_models.MODELS)),
+            models=models or (["mlp", "conv"] if quick else list(runtime_models.MODELS)),
             seconds=seconds if seconds is not None else (0.3 if quick else 3.0),
             warmup_s=0.05 if quick else 0.5,
             reps=reps if reps is not None else (1 if quick else 3),
@@ -89,23 +91,23 @@ class BenchConfig:
 class _PoolDriver:
     """Interpreters or host threads of an InterpreterPool; every one runs the model at once."""
 
-    def __init__(self, size: int, backend: str, scripted: bool) -> None:
-        from .pool import InterpreterPool
+    def __init__(self, size: int, backend: Backend, scripted: bool) -> None:
+        from tenfold.runtime import InterpreterPool
 
         self.scripted = scripted
         self.pool = InterpreterPool(size, backend=backend, threads_per_interpreter=1)
 
     def load(self, name: str) -> None:
         if self.pool.backend == "threads":
-            _bench_models.load(name, self.scripted)  # threads share the host's module: build once
+            runtime_models.load(name, self.scripted)  # threads share the host's module: build once
         else:
-            self.pool.broadcast(_bench_models.load, name, self.scripted)
+            self.pool.broadcast(runtime_models.load, name, self.scripted)
 
     def run(self, name: str, warmup_s: float, seconds: float) -> list[tuple[int, float]]:
-        return self.pool.broadcast(_bench_models.run, name, self.scripted, warmup_s, seconds)
+        return self.pool.broadcast(runtime_models.run, name, self.scripted, warmup_s, seconds)
 
     def info(self) -> list[dict[str, Any]]:
-        return self.pool.broadcast(_bench_models.worker_info)
+        return self.pool.broadcast(runtime_models.worker_info)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
@@ -126,7 +128,7 @@ class _ProcessFleet:
         new = []
         while len(self.procs) < size:
             parent, child = self._ctx.Pipe()
-            proc = self._ctx.Process(target=_bench_models.process_worker, args=(child, self.go), daemon=True)
+            proc = self._ctx.Process(target=runtime_models.process_worker, args=(child, self.go), daemon=True)
             proc.start()
             child.close()
             self.conns.append(parent)
@@ -289,7 +291,7 @@ def _owner_thread_round_trips(pool: Any, n: int, arg: Any) -> list[int]:
 
     def job() -> None:
         try:
-            call, fn, perf = interpreter.call, _bench_models.echo, time.perf_counter_ns
+            call, fn, perf = interpreter.call, runtime_models.echo, time.perf_counter_ns
             samples = []
             for _ in range(n):
                 t0 = perf()
@@ -304,7 +306,7 @@ def _owner_thread_round_trips(pool: Any, n: int, arg: Any) -> list[int]:
 
 
 def _submit_round_trips(pool: Any, n: int, arg: Any) -> list[int]:
-    perf, submit, fn = time.perf_counter_ns, pool.submit, _bench_models.echo
+    perf, submit, fn = time.perf_counter_ns, pool.submit, runtime_models.echo
     samples = []
     for _ in range(n):
         t0 = perf()
@@ -315,7 +317,7 @@ def _submit_round_trips(pool: Any, n: int, arg: Any) -> list[int]:
 
 def measure_round_trip(cfg: BenchConfig) -> dict[str, Any]:
     """Median and p99 of a trivial call with a small argument, after a warm-up of a tenth as many."""
-    from .pool import InterpreterPool
+    from tenfold.runtime import InterpreterPool
 
     arg = 12345
     warm = max(100, cfg.round_trips // 10)
@@ -356,11 +358,11 @@ def _memory(pid: int | None = None) -> dict[str, float]:
 
 def _start(size: int) -> tuple[Any, float, list[dict[str, Any]]]:
     """A pool of `size` new interpreters with torch imported: (pool, seconds to ready, imports)."""
-    from .pool import InterpreterPool
+    from tenfold.runtime import InterpreterPool
 
     t0 = time.perf_counter()
     pool = InterpreterPool(size, backend="namespaces", threads_per_interpreter=1)
-    imports = pool.broadcast(_bench_models.import_torch)
+    imports = pool.broadcast(runtime_models.import_torch)
     return pool, time.perf_counter() - t0, imports
 
 
@@ -391,12 +393,10 @@ def _startup_child(order: list[int], extra: int) -> dict[str, Any]:
 
 
 def _run_child(order: list[int], extra: int) -> dict[str, Any]:
-    from . import _glibc
+    from tenfold.runtime import with_glibc_tunables
 
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    if _glibc.reserved_static_tls() < _glibc.STATIC_TLS_PER_INTERPRETER * _glibc.MAX_NAMESPACES:
-        env["GLIBC_TUNABLES"] = _glibc.RECOMMENDED_TUNABLES
-    cmd = [sys.executable, "-m", "tenfold.runtime._bench", "startup-child", ",".join(map(str, order)), str(extra)]
+    env = with_glibc_tunables({**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [sys.executable, "-m", "tenfold.bench.runtime", "startup-child", ",".join(map(str, order)), str(extra)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
         raise RuntimeError(f"start-up measurement failed:\n{proc.stderr[-4000:]}")
@@ -456,7 +456,7 @@ def measure_startup(cfg: BenchConfig, log: Any = print) -> tuple[dict[str, Any],
 
 
 def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """The figures of issue 2, each with its value, limit and whether this run reached it."""
+    """The runtime's target figures, each with its value, limit and whether this run reached it."""
     targets = []
 
     def add(name: str, value: float | None, op: str, limit: float, unit: str, note: str = "") -> None:
@@ -589,7 +589,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax.set_xticks(range(len(MODES)), [MODE_LABELS[m].replace(", ", ",\n").replace(" (", "\n(") for m in MODES],
                       fontsize=8)
         ax.set_ylabel("inferences / s (all workers)")
-        ax.set_title(f"{name}: {_bench_models.MODELS[name]}", fontsize=9, wrap=True)
+        ax.set_title(f"{name}: {runtime_models.MODELS[name]}", fontsize=9, wrap=True)
         ax.margins(y=0.25)
         ax.legend(fontsize=8, loc="upper right")
         ax.text(0.01, 0.98, "label: inf/s, x one interpreter", transform=ax.transAxes, fontsize=7, va="top",
@@ -604,7 +604,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
         shade = "#d9f2d9" if t["pass"] else ("#f8d7d7" if t["pass"] is False else "#eeeeee")
         cell_colors.append(["white", "white", "white", shade])
     if cells:
-        table = ax.table(cellText=cells, colLabels=["target (issue 2)", "measured", "limit", ""],
+        table = ax.table(cellText=cells, colLabels=["target", "measured", "limit", ""],
                          cellColours=cell_colors, loc="upper center", colWidths=[0.5, 0.15, 0.15, 0.08])
         table.auto_set_font_size(False)
         table.set_fontsize(9)
@@ -647,7 +647,7 @@ def run_benchmark(cfg: BenchConfig, log: Any = print) -> dict[str, Any]:
             "quick": cfg.quick,
             "sizes": cfg.sizes,
             "models": cfg.models,
-            "model_descriptions": {m: _bench_models.MODELS[m] for m in cfg.models},
+            "model_descriptions": {m: runtime_models.MODELS[m] for m in cfg.models},
             "seconds": cfg.seconds,
             "warmup_s": cfg.warmup_s,
             "reps": cfg.reps,
@@ -681,7 +681,7 @@ def _main(argv: list[str]) -> int:
     if len(argv) == 3 and argv[0] == "startup-child":
         print(json.dumps(_startup_child([int(n) for n in argv[1].split(",")], int(argv[2]))))
         return 0
-    print("usage: python -m tenfold.runtime._bench startup-child SIZE[,SIZE...] EXTRA", file=sys.stderr)
+    print("usage: python -m tenfold.bench.runtime startup-child SIZE[,SIZE...] EXTRA", file=sys.stderr)
     return 2
 
 

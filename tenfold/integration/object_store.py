@@ -35,7 +35,7 @@ class _ArchiveStore:
 
 
 def _store() -> ray.actor.ActorHandle:
-    return _ArchiveStore.options(
+    return _ArchiveStore.options(  # type: ignore[attr-defined]  # ray.remote makes it an ActorClass
         name=STORE_NAME, namespace=STORE_NAMESPACE, lifetime="detached", get_if_exists=True
     ).remote()
 

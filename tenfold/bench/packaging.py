@@ -41,15 +41,28 @@ def _plain_load(path: str) -> bool:
 _plain_models: list[Any] = []
 
 
+def touch_weights(model: Any) -> float:
+    """Read every byte of a model's weights (so that sharing them is measured, not just mapping them)."""
+    import torch
+
+    total = 0.0
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            total += float(t.sum() if t.is_floating_point() else t.double().sum())
+    return total
+
+
+def _call(model: Any, *inputs: Any) -> None:
+    model(*inputs)
+
+
 def measure_sharing(archive: str, interpreters: int, *, plain: bool = False) -> dict[str, Any]:
     """Process memory before and after `archive` is replicated into `interpreters` interpreters of one
     pool and run once in each (so every weight page is touched). Run it in a fresh process."""
     import psutil
 
+    from tenfold.packaging import read_manifest, replicate
     from tenfold.runtime import InterpreterPool
-
-    from . import read_manifest, replicate
-    from . import replicated as _replicated
 
     proc = psutil.Process()
 
@@ -72,9 +85,9 @@ def measure_sharing(archive: str, interpreters: int, *, plain: bool = False) -> 
             model = replicate(pool, archive)
             load_s = time.perf_counter() - t0
             points["loaded"] = mem()
-            pool.broadcast(_replicated._touch, model._id)  # every weight page read in every interpreter
+            model.broadcast(touch_weights)  # every weight page read in every interpreter
             points["touched"] = mem()
-            pool.broadcast(_replicated._run, model._id, inputs)
+            model.broadcast(_call, *inputs)
             points["ran"] = mem()
             model.close()
     base = points["warm"]
@@ -90,11 +103,12 @@ def measure_sharing(archive: str, interpreters: int, *, plain: bool = False) -> 
 
 def measure_in_subprocess(archive: str, interpreters: int, *, plain: bool = False) -> dict[str, Any]:
     code = (
-        "import json, sys; from tenfold.packaging._bench import measure_sharing; "
+        "import json, sys; from tenfold.bench.packaging import measure_sharing; "
         f"print('RESULT', json.dumps(measure_sharing({archive!r}, {interpreters}, plain={plain})))"
     )
-    env = dict(os.environ)
-    env.setdefault("GLIBC_TUNABLES", "glibc.rtld.optional_static_tls=65536")
+    from tenfold.runtime import with_glibc_tunables
+
+    env = with_glibc_tunables(os.environ)
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
     for line in run.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -102,10 +116,13 @@ def measure_in_subprocess(archive: str, interpreters: int, *, plain: bool = Fals
     raise RuntimeError(f"the measuring process failed ({run.returncode}):\n{run.stderr[-4000:]}")
 
 
-def run(weights_mb: int = 200, interpreters: int = 4) -> int:
+def run(args: Any) -> int:
+    """`tenfold bench packaging`."""
     import torch
 
-    from . import load, save
+    from tenfold.packaging import load, save
+
+    weights_mb, interpreters = args.weights_mb, args.interpreters
 
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())

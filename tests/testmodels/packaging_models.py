@@ -78,3 +78,13 @@ def grad_enabled_and_sum(model: nn.Module, x: torch.Tensor) -> tuple[bool, torch
 
 def fails_on_purpose(model: nn.Module, message: str) -> None:
     raise KeyError(message)
+
+
+def run_model(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model(x)
+
+
+def weight_addresses(model: nn.Module) -> list[tuple[int, int]]:
+    """(data_ptr, nbytes) of every parameter and buffer of `model` (where its weights live)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return [(t.data_ptr(), t.numel() * t.element_size()) for t in tensors]

@@ -8,7 +8,6 @@ when its test ends, also on failure.
 from __future__ import annotations
 
 import os
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,11 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+from support import running_replicas, wait_for
+from testmodels import reliability_models as models
 
-from tenfold.integration import http
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _reliability_models as models  # noqa: E402
+from tenfold.integration import codec
 
 pytestmark = pytest.mark.ray
 
@@ -34,7 +32,7 @@ X = [[1.0, 2.0, 3.0, 4.0]]
 
 @pytest.fixture(scope="module")
 def archives(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Every model of tests/_reliability_models.py packaged, by name."""
+    """Every model of testmodels/reliability_models.py packaged, by name."""
     from tenfold.packaging import save
 
     out = tmp_path_factory.mktemp("reliability")
@@ -67,20 +65,6 @@ def stats(url: str) -> dict:
     return requests.get(f"{url}/-/stats", timeout=30).json()
 
 
-def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.2):  # noqa: ANN001, ANN201
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            value = predicate()
-        except requests.RequestException:
-            value = None
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(interval_s)
-
-
 def assert_healthy_answer(r: requests.Response, x: list = X) -> None:
     assert r.status_code == 200, r.text
     np.testing.assert_allclose(np.array(r.json()["outputs"][0]), models.expected(x), rtol=1e-5)
@@ -101,7 +85,7 @@ def test_replicated_model_interrupt_cancels_a_queued_call_and_stops_a_running_lo
     from concurrent.futures import CancelledError
 
     from tenfold.packaging import replicate
-    from tenfold.runtime import InterpreterPool, RemoteError
+    from tenfold.runtime import InterpreterPool, remote_traceback
 
     with InterpreterPool(1, threads_per_interpreter=1) as pool, replicate(pool, archives["hang"]) as model:
         import torch
@@ -115,9 +99,9 @@ def test_replicated_model_interrupt_cancels_a_queued_call_and_stops_a_running_lo
             queued.result(timeout=5)
         t0 = time.monotonic()
         assert model.interrupt(hung, grace_s=2.0) is True
-        with pytest.raises(RemoteError) as info:
+        with pytest.raises(TimeoutError) as info:
             hung.result(timeout=5)
-        assert info.value.remote_type == "TimeoutError"
+        assert "forward" in remote_traceback(info.value)  # stopped inside the model's loop
         np.testing.assert_allclose(model(torch.tensor(X)).numpy(), models.expected(X), rtol=1e-5)
         assert time.monotonic() - t0 < 1.0
         assert pool.healthy == 1 and pool.stats().errors == 1
@@ -291,7 +275,8 @@ def test_scale_down_and_delete_drain_and_exit_without_a_crash(serve_session, arc
     try:
         pids = wait_for(lambda: replica_pids(url, 12, 2), 30, "both replicas answering")
         # Idle: the autoscaler stops one replica (a scale-down), which must exit cleanly.
-        survivor = wait_for(lambda: replica_pids(url, 8, 1) if running_replicas("drain") == 1 else None, 90,
+        survivor = wait_for(lambda: replica_pids(url, 8, 1) if running_replicas("drain", "drain") == 1 else None,
+                            90,
                             "a scale-down to one replica")
         (gone,) = pids - survivor
         assert_clean_exit(gone)
@@ -311,21 +296,12 @@ def test_scale_down_and_delete_drain_and_exit_without_a_crash(serve_session, arc
     assert_clean_exit(last)
 
 
-def running_replicas(app: str) -> int:
-    from ray import serve
-
-    status = serve.status().applications.get(app)
-    if status is None:
-        return 0
-    return sum(d.replica_states.get("RUNNING", 0) for d in status.deployments.values())
-
-
 # -- 3. limits -----------------------------------------------------------------------------------
 
 
 def test_an_oversized_body_is_a_413_before_it_is_parsed(hang_app: str) -> None:
     url, limit = hang_app, LIMIT
-    for media in (http.JSON_TYPE, http.ARROW_TYPE):
+    for media in (codec.JSON_TYPE, codec.ARROW_TYPE):
         # Not JSON and not Arrow: parsing it would be a 400, so a 413 means it was never parsed.
         r = requests.post(url, data=b"\xff" * (limit + 1), headers={"Content-Type": media}, timeout=30)
         assert r.status_code == 413, r.text
@@ -333,7 +309,7 @@ def test_an_oversized_body_is_a_413_before_it_is_parsed(hang_app: str) -> None:
         r = requests.post(url, data=iter([b"\xff" * limit, b"\xff"]), headers={"Content-Type": media},
                           timeout=30)  # chunked: no Content-Length to judge by
         assert r.status_code == 413, r.text
-    r = requests.post(url, data=b"\xff" * limit, headers={"Content-Type": http.JSON_TYPE}, timeout=30)
+    r = requests.post(url, data=b"\xff" * limit, headers={"Content-Type": codec.JSON_TYPE}, timeout=30)
     assert r.status_code == 400  # at the limit: parsed, and refused as what it is
     assert_healthy_answer(post(url, X))
 
@@ -359,15 +335,14 @@ def test_require_sha256_refuses_an_unpinned_archive_and_a_wrong_pin_names_both_d
 
 
 def test_bench_soak_is_a_tenfold_command_with_bounded_parameters() -> None:
+    from tenfold.bench import soak
     from tenfold.cli import build_parser
-    from tenfold.integration import soak
 
     args = build_parser().parse_args(["bench", "soak", "--requests", "5000", "--concurrency", "3",
                                       "--sample-every", "500"])
-    assert args.handler is soak.main
     assert (args.requests, args.concurrency, args.sample_every, args.interpreters) == (5000, 3, 500, 2)
     with pytest.raises(ValueError, match="at least 1"):
-        soak.run_soak("http://127.0.0.1:9/", soak.requests_for([np.zeros((1, 4), np.float32)], ["x"]), requests=10,
+        soak.run_soak("http://127.0.0.1:9/", soak.bodies_for([np.zeros((1, 4), np.float32)], ["x"]), requests=10,
                       concurrency=0, sample_every=5, rss=lambda: 0)
 
 
@@ -375,7 +350,7 @@ def test_bench_soak_is_a_tenfold_command_with_bounded_parameters() -> None:
 
 
 def test_short_soak_has_no_errors_and_flat_rss(serve_session, archives, tmp_path: Path) -> None:
-    from tenfold.integration import soak
+    from tenfold.bench import common, soak
     from tenfold.packaging import archive_sha256
 
     path = archives["healthy"]
@@ -384,18 +359,18 @@ def test_short_soak_has_no_errors_and_flat_rss(serve_session, archives, tmp_path
     with deployed(serve_session, "soak", args) as url:
         pid = soak.replica_pid(url)
         x = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
-        bodies = soak.with_references(url, soak.requests_for([x], ["x"]))
+        bodies = soak.with_references(url, soak.bodies_for([x], ["x"]))
         np.testing.assert_allclose(np.array(json_outputs(bodies[0].expected)), models.expected(x.tolist()), rtol=1e-5)
-        np.testing.assert_allclose(next(iter(http.decode_arrow_outputs(bodies[1].expected).values())),
+        np.testing.assert_allclose(next(iter(codec.decode_arrow_outputs(bodies[1].expected).values())),
                                    models.expected(x.tolist()), rtol=1e-5)
         report = soak.run_soak(url, bodies, requests=2000, concurrency=4, sample_every=250, warmup_requests=750,
-                               rss=lambda: soak.process_rss(pid))
+                               rss=lambda: common.rss_bytes(pid))
         print("\n" + report.table())
-        json_path, png_path = soak.write_report(report, tmp_path)
+        json_path, png_path = common.write_report(tmp_path, "soak", report.as_dict(), report.plot)
         assert json_path.stat().st_size > 0 and png_path.read_bytes()[:4] == b"\x89PNG"
         assert report.errors == 0, report.error_examples
         assert len(report.samples) == 8 and report.samples[-1].requests == 2000
-        assert report.rss_growth < soak.MAX_RSS_GROWTH, report.table()
+        assert report.growth_per_request < soak.MAX_GROWTH_PER_REQUEST, report.table()
         assert report.ok
         assert stats(url)["pid"] == pid  # one replica served it all, never restarted
 

@@ -262,6 +262,27 @@ def _tensor_column(value: np.ndarray) -> Any:
     return pa.ExtensionArray.from_storage(tensor_type, storage)
 
 
+def example_request(source: Any) -> dict[str, Any]:
+    """A JSON request body (as a dict) for the archive at `source`: the first row of every example input
+    stored in it at packaging."""
+    from tenfold.packaging import read_example_inputs
+
+    return {"inputs": [_first_row(v).tolist() for v in read_example_inputs(source)]}
+
+
+def example_arrow_request(source: Any) -> bytes | None:
+    """An Arrow request body for the same inputs as `example_request`."""
+    from tenfold.packaging import read_example_inputs, read_manifest
+
+    names = [s.name for s in read_manifest(source).inputs]
+    return encode_arrow_inputs([_first_row(v) for v in read_example_inputs(source)], names)
+
+
+def _first_row(value: Any) -> np.ndarray:
+    array = value.numpy() if hasattr(value, "numpy") else np.asarray(value)
+    return array[:1] if array.ndim else array
+
+
 def decode_arrow_outputs(body: bytes) -> dict[str, np.ndarray]:
     """Client side: the arrays of an Arrow answer, by output name."""
     import pyarrow as pa

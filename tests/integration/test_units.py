@@ -10,8 +10,9 @@ from typing import Any
 import numpy as np
 import pytest
 from pydantic import ValidationError
+from support import ROOT
 
-from tenfold.integration import http
+from tenfold.integration import codec
 from tenfold.integration.config import AppArgs
 from tenfold.integration.policy import (
     INTERPRETERS,
@@ -126,12 +127,12 @@ def test_policy_reads_serve_context_of_running_replicas_only() -> None:
 
 
 def test_json_inputs_are_converted_to_the_manifest_dtypes() -> None:
-    x, k = http.decode_json(b'{"inputs": [[[1, 2, 3, 4]], [5]]}', SPECS)
+    x, k = codec.decode_json(b'{"inputs": [[[1, 2, 3, 4]], [5]]}', SPECS)
     assert x.dtype == np.float32 and x.shape == (1, 4) and k.dtype == np.int64 and k.tolist() == [5]
-    x, k = http.decode_json(b'{"inputs": {"k": [], "x": []}}', [SPECS[1], SimpleNamespace(**{**vars(SPECS[0]),
+    x, k = codec.decode_json(b'{"inputs": {"k": [], "x": []}}', [SPECS[1], SimpleNamespace(**{**vars(SPECS[0]),
                                                                                             "shape": [None]})])
     assert x.dtype == np.int64 and x.shape == (0,)
-    assert json.loads(http.encode_json([np.ones((1, 2), np.float32)])) == {"outputs": [[[1.0, 1.0]]]}
+    assert json.loads(codec.encode_json([np.ones((1, 2), np.float32)])) == {"outputs": [[[1.0, 1.0]]]}
 
 
 @pytest.mark.parametrize(
@@ -156,8 +157,8 @@ def test_json_inputs_are_converted_to_the_manifest_dtypes() -> None:
     ],
 )
 def test_bad_json_is_a_4xx_naming_the_problem(body: bytes, status: int, message: str) -> None:
-    with pytest.raises(http.HTTPError) as info:
-        http.decode_json(body, SPECS)
+    with pytest.raises(codec.HTTPError) as info:
+        codec.decode_json(body, SPECS)
     assert info.value.status == status
     assert message in info.value.message
     error = json.loads(info.value.body())["error"]
@@ -166,45 +167,45 @@ def test_bad_json_is_a_4xx_naming_the_problem(body: bytes, status: int, message:
 
 def test_integers_out_of_range_are_refused() -> None:
     spec = [SimpleNamespace(name="b", dtype="int8", shape=[None])]
-    assert http.decode_json(b'{"inputs": [[1, -128]]}', spec)[0].dtype == np.int8
-    with pytest.raises(http.InvalidInput, match="out of range for int8"):
-        http.decode_json(b'{"inputs": [[1, 300]]}', spec)
+    assert codec.decode_json(b'{"inputs": [[1, -128]]}', spec)[0].dtype == np.int8
+    with pytest.raises(codec.InvalidInput, match="out of range for int8"):
+        codec.decode_json(b'{"inputs": [[1, 300]]}', spec)
 
 
 def test_arrow_round_trip_keeps_dtypes_and_shapes() -> None:
-    body = http.encode_arrow([np.arange(8, dtype=np.float32).reshape(2, 4), np.array([3, 4])], ["x", "k"])
-    x, k = http.decode_arrow(body, SPECS)
+    body = codec.encode_arrow([np.arange(8, dtype=np.float32).reshape(2, 4), np.array([3, 4])], ["x", "k"])
+    x, k = codec.decode_arrow(body, SPECS)
     assert x.dtype == np.float32 and x.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]] and k.tolist() == [3, 4]
-    out = http.decode_arrow_outputs(body)
+    out = codec.decode_arrow_outputs(body)
     assert sorted(out) == ["k", "x"] and out["x"].shape == (2, 4)
 
 
 def test_bad_arrow_is_a_4xx_naming_the_problem() -> None:
     import pyarrow as pa
 
-    with pytest.raises(http.MalformedRequest, match="not an Arrow IPC stream"):
-        http.decode_arrow(b"definitely not arrow", SPECS)
-    wrong_names = http.encode_arrow([np.zeros((1, 4), np.float32), np.zeros(1, np.int64)], ["a", "k"])
-    with pytest.raises(http.InvalidInput, match=r"columns must be \['x', 'k'\]"):
-        http.decode_arrow(wrong_names, SPECS)
-    wrong_dtype = http.encode_arrow([np.zeros((1, 4), np.float64), np.zeros(1, np.int64)], ["x", "k"])
-    with pytest.raises(http.InvalidInput, match="column .x. has type float64, which does not convert safely"):
-        http.decode_arrow(wrong_dtype, SPECS)
-    wrong_shape = http.encode_arrow([np.zeros((1, 5), np.float32), np.zeros(1, np.int64)], ["x", "k"])
-    with pytest.raises(http.InvalidInput, match=r"column 'x' has shape \[1, 5\]"):
-        http.decode_arrow(wrong_shape, SPECS)
+    with pytest.raises(codec.MalformedRequest, match="not an Arrow IPC stream"):
+        codec.decode_arrow(b"definitely not arrow", SPECS)
+    wrong_names = codec.encode_arrow([np.zeros((1, 4), np.float32), np.zeros(1, np.int64)], ["a", "k"])
+    with pytest.raises(codec.InvalidInput, match=r"columns must be \['x', 'k'\]"):
+        codec.decode_arrow(wrong_names, SPECS)
+    wrong_dtype = codec.encode_arrow([np.zeros((1, 4), np.float64), np.zeros(1, np.int64)], ["x", "k"])
+    with pytest.raises(codec.InvalidInput, match="column .x. has type float64, which does not convert safely"):
+        codec.decode_arrow(wrong_dtype, SPECS)
+    wrong_shape = codec.encode_arrow([np.zeros((1, 5), np.float32), np.zeros(1, np.int64)], ["x", "k"])
+    with pytest.raises(codec.InvalidInput, match=r"column 'x' has shape \[1, 5\]"):
+        codec.decode_arrow(wrong_shape, SPECS)
     table = pa.table({"x": pa.array(["a"]), "k": pa.array([1])})
-    with pytest.raises(http.InvalidInput, match="column 'x' has Arrow type string"):
-        http.decode_arrow(_ipc(table), SPECS)
+    with pytest.raises(codec.InvalidInput, match="column 'x' has Arrow type string"):
+        codec.decode_arrow(_ipc(table), SPECS)
     table = pa.table({"x": pa.array([1.0, None]), "k": pa.array([1, 2])})
-    with pytest.raises(http.InvalidInput, match="null"):
-        http.decode_arrow(_ipc(table), [SimpleNamespace(name="x", dtype="float32", shape=[None]),
+    with pytest.raises(codec.InvalidInput, match="null"):
+        codec.decode_arrow(_ipc(table), [SimpleNamespace(name="x", dtype="float32", shape=[None]),
                                                          SPECS[1]])
     bools = pa.ExtensionArray.from_storage(pa.fixed_shape_tensor(pa.bool_(), [4]),
                                            pa.FixedSizeListArray.from_arrays(pa.array([True] * 4), 4))
     table = pa.table({"x": bools, "k": pa.array([1])})
-    with pytest.raises(http.InvalidInput, match="column 'x' is a tensor column numpy cannot take"):
-        http.decode_arrow(_ipc(table), SPECS)
+    with pytest.raises(codec.InvalidInput, match="column 'x' is a tensor column numpy cannot take"):
+        codec.decode_arrow(_ipc(table), SPECS)
 
 
 def _ipc(table: Any) -> bytes:
@@ -217,14 +218,14 @@ def _ipc(table: Any) -> bytes:
 
 
 def test_outputs_of_different_lengths_cannot_share_an_arrow_table() -> None:
-    with pytest.raises(http.HTTPError, match="different first dimensions"):
-        http.encode_arrow([np.zeros(2), np.zeros(3)], ["a", "b"])
+    with pytest.raises(codec.HTTPError, match="different first dimensions"):
+        codec.encode_arrow([np.zeros(2), np.zeros(3)], ["a", "b"])
 
 
 # -- configs/ --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("config", sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml")),
+@pytest.mark.parametrize("config", sorted(ROOT.glob("configs/*.yaml")),
                          ids=lambda p: p.name)
 def test_every_config_is_a_valid_serve_config_with_valid_app_args(config: Path) -> None:
     import yaml

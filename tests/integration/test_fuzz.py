@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -20,16 +18,14 @@ import pytest
 import requests
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from testmodels import reliability_models as models
 
-from tenfold.integration import http
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _reliability_models as models  # noqa: E402
+from tenfold.integration import codec
 
 pytestmark = pytest.mark.ray
 
 LIMIT = 16 * 1024  # max_request_bytes of the fuzzed app: "huge" arrays cross it cheaply
-CONTENT_TYPES = [http.JSON_TYPE, http.ARROW_TYPE, f"{http.JSON_TYPE}; charset=utf-8", "text/plain", None]
+CONTENT_TYPES = [codec.JSON_TYPE, codec.ARROW_TYPE, f"{codec.JSON_TYPE}; charset=utf-8", "text/plain", None]
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -91,7 +87,7 @@ def json_requests(draw: st.DrawFn) -> tuple[str | None, bytes]:
         payload = whole[: draw(st.integers(0, max(0, len(whole) - 1)))]
     else:
         payload = draw(st.text(max_size=200)).encode("utf-8", "surrogatepass")
-    return draw(st.sampled_from([http.JSON_TYPE, f"{http.JSON_TYPE}; charset=utf-8", None])), payload
+    return draw(st.sampled_from([codec.JSON_TYPE, f"{codec.JSON_TYPE}; charset=utf-8", None])), payload
 
 
 ARROW_TYPES = [pa.float32(), pa.float64(), pa.int8(), pa.int64(), pa.bool_(), pa.string()]
@@ -127,7 +123,7 @@ def arrow_requests(draw: st.DrawFn) -> tuple[str, bytes]:
     payload = sink.getvalue().to_pybytes()
     if draw(st.booleans()):
         payload = payload[: draw(st.integers(0, len(payload)))]  # truncated stream
-    return http.ARROW_TYPE, payload
+    return codec.ARROW_TYPE, payload
 
 
 def arrow_body(x: np.ndarray) -> bytes:
@@ -152,8 +148,8 @@ def check_answer(r: requests.Response) -> None:
     """A 200 with outputs, or a 4xx whose JSON body names its status."""
     assert r.status_code == 200 or 400 <= r.status_code < 500, (r.status_code, r.text[:500])
     if r.status_code == 200:
-        if r.headers["content-type"] == http.ARROW_TYPE:
-            outputs = http.decode_arrow_outputs(r.content)
+        if r.headers["content-type"] == codec.ARROW_TYPE:
+            outputs = codec.decode_arrow_outputs(r.content)
             assert len(outputs) == 1
         else:
             (y,) = r.json()["outputs"]
@@ -171,10 +167,10 @@ def valid_call(app: SimpleNamespace, rng_seed: int) -> None:
         assert r.status_code == 200, r.text
         y = np.array(r.json()["outputs"][0])
     else:
-        r = requests.post(app.url, data=http.encode_arrow_inputs([x], ["x"]),
-                          headers={"Content-Type": http.ARROW_TYPE}, timeout=60)
+        r = requests.post(app.url, data=codec.encode_arrow_inputs([x], ["x"]),
+                          headers={"Content-Type": codec.ARROW_TYPE}, timeout=60)
         assert r.status_code == 200, r.text
-        y = next(iter(http.decode_arrow_outputs(r.content).values()))
+        y = next(iter(codec.decode_arrow_outputs(r.content).values()))
     np.testing.assert_allclose(y, models.expected(x.tolist()), rtol=1e-5, atol=1e-6)
 
 
@@ -182,13 +178,13 @@ def valid_call(app: SimpleNamespace, rng_seed: int) -> None:
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                  HealthCheck.function_scoped_fixture])
 @given(request=fuzzed)
-@example(request=(http.JSON_TYPE, b"[" * 5000))  # nesting deeper than the JSON parser's recursion limit
-@example(request=(http.JSON_TYPE, b'{"inputs": ' + b"[" * 5000 + b"]" * 5000 + b"}"))
-@example(request=(http.ARROW_TYPE, arrow_body(np.zeros((0, 4), np.float32))))  # zero rows, valid otherwise
-@example(request=(http.JSON_TYPE, b'{"inputs": [[[NaN, Infinity, -Infinity, 1e39]]]}'))
-@example(request=(http.JSON_TYPE, b'{"inputs": [[]]}'))
-@example(request=(http.ARROW_TYPE, b""))
-@example(request=(http.JSON_TYPE, b"\xff" * (LIMIT + 1)))
+@example(request=(codec.JSON_TYPE, b"[" * 5000))  # nesting deeper than the JSON parser's recursion limit
+@example(request=(codec.JSON_TYPE, b'{"inputs": ' + b"[" * 5000 + b"]" * 5000 + b"}"))
+@example(request=(codec.ARROW_TYPE, arrow_body(np.zeros((0, 4), np.float32))))  # zero rows, valid otherwise
+@example(request=(codec.JSON_TYPE, b'{"inputs": [[[NaN, Infinity, -Infinity, 1e39]]]}'))
+@example(request=(codec.JSON_TYPE, b'{"inputs": [[]]}'))
+@example(request=(codec.ARROW_TYPE, b""))
+@example(request=(codec.JSON_TYPE, b"\xff" * (LIMIT + 1)))
 def test_fuzzed_requests_get_a_4xx_or_a_200_and_valid_ones_keep_working(app: SimpleNamespace,
                                                                            request: tuple[str | None, bytes]) -> None:
     media, payload = request
@@ -203,7 +199,7 @@ def test_fuzzed_requests_get_a_4xx_or_a_200_and_valid_ones_keep_working(app: Sim
 
 def test_valid_json_with_nan_and_infinities_is_served(app: SimpleNamespace) -> None:
     x = [[math.nan, math.inf, -math.inf, 1.0], [FLOAT32_MAX, -FLOAT32_MAX, 0.0, 1.0]]
-    r = requests.post(app.url, data=body({"inputs": [x]}), headers={"Content-Type": http.JSON_TYPE}, timeout=60)
+    r = requests.post(app.url, data=body({"inputs": [x]}), headers={"Content-Type": codec.JSON_TYPE}, timeout=60)
     check_answer(r)
     assert r.status_code == 200
     y = np.array(r.json()["outputs"][0])
@@ -221,7 +217,7 @@ def test_the_replica_never_restarted(app: SimpleNamespace) -> None:
 
 def test_codec_answers_zero_rows_and_refuses_deep_nesting_as_a_400() -> None:
     # What the fuzz found first: both were 500s.
-    body = http.encode_arrow([np.zeros((0, 3), np.float32)], ["y"])
-    assert http.decode_arrow_outputs(body)["y"].shape == (0, 3)
-    with pytest.raises(http.MalformedRequest, match="nested too deeply"):
-        http.decode_json(b"[" * 5000, [])
+    body = codec.encode_arrow([np.zeros((0, 3), np.float32)], ["y"])
+    assert codec.decode_arrow_outputs(body)["y"].shape == (0, 3)
+    with pytest.raises(codec.MalformedRequest, match="nested too deeply"):
+        codec.decode_json(b"[" * 5000, [])

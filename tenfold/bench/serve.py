@@ -15,28 +15,16 @@ deployed alone after a warm-up load.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from . import common
+
 SETUPS = ("tenfold", "plain", "threads")
 _ONGOING = 16  # requests each set-up admits at once (the two plain replicas: 8 each), above the load's 8
-
-
-def add_commands(bench: argparse._SubParsersAction) -> None:
-    p = bench.add_parser("serve", help="HTTP throughput, latency and memory: 1x2 interpreters vs 2x1 processes")
-    p.add_argument("--models", default="rnn_tagger,resnet", help="examples to serve (comma-separated)")
-    p.add_argument("--setups", default=",".join(SETUPS), help="which of tenfold, plain, threads to run")
-    p.add_argument("--rounds", type=int, default=10, help="interleaved rounds of load per set-up")
-    p.add_argument("--seconds", type=float, default=6.0, help="measured load per set-up and round")
-    p.add_argument("--warmup-s", type=float, default=3.0, help="load before measuring")
-    p.add_argument("--concurrency", type=int, default=8, help="requests outstanding at once")
-    p.add_argument("--out", default="bench-results", help="directory for serve.json and serve.png")
-    p.set_defaults(handler=run)
 
 
 class PlainModel:
@@ -67,52 +55,25 @@ class PlainModel:
         import torch
         from starlette.responses import Response
 
-        from . import http
+        from tenfold.integration import codec
 
         with torch.no_grad():  # the same per-request work as a tenfold interpreter does
-            answer = http.predict_json(self._model, body, self._manifest.inputs, self._output_names)
-        return Response(answer, media_type=http.JSON_TYPE)
+            answer = codec.predict_json(self._model, body, self._manifest.inputs, self._output_names)
+        return Response(answer, media_type=codec.JSON_TYPE)
 
     async def pid(self) -> int:
         return os.getpid()
 
 
 def _load(url: str, body: bytes, seconds: float, warmup_s: float, concurrency: int) -> dict[str, Any]:
-    """Bounded closed-loop load: `concurrency` clients, one request outstanding each. Latencies (s) of the
-    requests sent after the warm-up, and the count of non-200 answers."""
-    import requests
-
-    stop_at = time.monotonic() + warmup_s + seconds
-    measure_from = time.monotonic() + warmup_s
-    latencies: list[float] = []
-    errors, answered = [0], [0]
-    lock = threading.Lock()
-
-    def client() -> None:
-        session = requests.Session()
-        mine, bad, total = [], 0, 0
-        while True:
-            t0 = time.monotonic()
-            if t0 >= stop_at:
-                break
-            r = session.post(url, data=body, headers={"Content-Type": "application/json"}, timeout=120)
-            t1 = time.monotonic()
-            total += 1
-            if r.status_code != 200:
-                bad += 1
-            elif t0 >= measure_from:
-                mine.append(t1 - t0)
-        with lock:
-            latencies.extend(mine)
-            errors[0] += bad
-            answered[0] += total
-
-    threads = [threading.Thread(target=client) for _ in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return {"latencies": latencies, "errors": errors[0], "seconds": seconds, "answered": answered[0]}
+    """Bounded closed-loop load for `warmup_s + seconds`: latencies (s) of the requests sent after the
+    warm-up, and the count of failed answers."""
+    start = time.perf_counter()
+    outcomes = common.closed_loop(url, [common.Body(common.JSON_TYPE, body)], concurrency=concurrency,
+                                  seconds=warmup_s + seconds, timeout_s=120)
+    measured = [o.seconds for o in outcomes if o.error is None and o.started >= start + warmup_s]
+    return {"latencies": measured, "errors": sum(o.error is not None for o in outcomes), "seconds": seconds,
+            "answered": len(outcomes)}
 
 
 def _summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -136,25 +97,6 @@ def _summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _pss_mb(pids: set[int]) -> float:
-    import psutil
-
-    return sum(psutil.Process(p).memory_full_info().pss for p in pids) / 1e6
-
-
-def _cpu_s(pids: set[int]) -> float:
-    """CPU seconds (user + system) the processes `pids` have used so far."""
-    import psutil
-
-    return sum(sum(psutil.Process(p).cpu_times()[:2]) for p in pids)
-
-
-def _proxy_pids() -> set[int]:
-    import psutil
-
-    return {p.pid for p in psutil.process_iter(["cmdline"]) if "ProxyActor" in " ".join(p.info["cmdline"] or [])}
-
-
 def _replica_pids(get_pid: Any, replicas: int) -> set[int]:
     pids: set[int] = set()
     deadline = time.monotonic() + 60
@@ -168,7 +110,7 @@ def _deploy(setup: str, archive: Path, port: int) -> set[int]:
     import requests
     from ray import serve
 
-    from .builder import app_builder
+    from tenfold.integration import app_builder
 
     if setup == "plain":
         deployment = serve.deployment(PlainModel).options(
@@ -196,21 +138,22 @@ def _measure_model(model: str, archive: Path, body: bytes, setups: list[str], ar
     for setup in setups:
         pids = _deploy(setup, archive, port)
         _load(url.format(setup), body, args.warmup_s, 0.0, args.concurrency)
-        memory[setup], processes[setup] = _pss_mb(pids), len(pids)
+        memory[setup], processes[setup] = common.pss_bytes(pids) / 1e6, len(pids)
         serve.delete(setup)
         progress.update(1)
-    pids = {}
+    deployed: dict[str, set[int]] = {}
     for setup in setups:
-        pids[setup] = _deploy(setup, archive, port)
+        deployed[setup] = _deploy(setup, archive, port)
         _load(url.format(setup), body, args.warmup_s, 0.0, args.concurrency)
     rounds: dict[str, list[dict[str, Any]]] = {s: [] for s in setups}
-    proxy = _proxy_pids()
+    proxy = common.serve_proxy_pids()
     try:
         for r in range(args.rounds):
             for setup in setups if r % 2 == 0 else setups[::-1]:
-                before = _cpu_s(pids[setup]), _cpu_s(proxy)
+                before = common.cpu_seconds(deployed[setup]), common.cpu_seconds(proxy)
                 result = _load(url.format(setup), body, args.seconds, 0.5, args.concurrency)
-                result["cpu_s"] = {"replicas": _cpu_s(pids[setup]) - before[0], "proxy": _cpu_s(proxy) - before[1]}
+                result["cpu_s"] = {"replicas": common.cpu_seconds(deployed[setup]) - before[0],
+                                   "proxy": common.cpu_seconds(proxy) - before[1]}
                 rounds[setup].append(result)
                 progress.update(1)
     finally:
@@ -221,11 +164,8 @@ def _measure_model(model: str, archive: Path, body: bytes, setups: list[str], ar
 
 
 def run(args: argparse.Namespace) -> int:
-    import ray
-    from ray import serve
+    """`tenfold bench serve`."""
     from tqdm import tqdm
-
-    from ._cli import _archive_for, _example_request
 
     models = [m for m in args.models.split(",") if m]
     setups = [s for s in args.setups.split(",") if s]
@@ -233,40 +173,26 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         print(f"tenfold bench serve: unknown set-up(s) {unknown}; choose from {SETUPS}")
         return 2
-    archives = {m: _archive_for(m) for m in models}
-    from socket import socket
-
-    with socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    archives = {m: common.example_archive(m) for m in models}
+    port = common.free_port()
+    rows = []
     # Every set-up declares 2 CPUs; they sit side by side (so Ray is told of 2 per set-up) and take the
     # machine's cores in turns.
-    ray.init(num_cpus=2 * len(setups), include_dashboard=False, log_to_driver=False)
-    rows = []
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        with tqdm(total=len(models) * len(setups) * (1 + args.rounds), desc="bench serve", unit="step") as progress:
-            for model, (archive, example) in archives.items():
-                request, _ = _example_request(archive, example)
-                for row in _measure_model(model, archive, json.dumps(request).encode(), setups, args, port,
-                                          progress):
-                    rows.append(row)
-                    progress.write(f"{model:<14}{row['setup']:<9}{row['throughput_rps']:>9.1f} req/s  "
-                                   f"p50 {row['p50_ms']:>7.1f} ms  p99 {row['p99_ms']:>7.1f} ms  "
-                                   f"PSS {row['pss_mb']:>7.0f} MB  errors {row['errors']}")
-    finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    with common.local_serve(2 * len(setups), port=port), \
+            tqdm(total=len(models) * len(setups) * (1 + args.rounds), desc="bench serve", unit="step") as progress:
+        for model, archive in archives.items():
+            body = common.example_body(archive)
+            for row in _measure_model(model, archive, body, setups, args, port, progress):
+                rows.append(row)
+                progress.write(f"{model:<14}{row['setup']:<9}{row['throughput_rps']:>9.1f} req/s  "
+                               f"p50 {row['p50_ms']:>7.1f} ms  p99 {row['p99_ms']:>7.1f} ms  "
+                               f"PSS {row['pss_mb']:>7.0f} MB  errors {row['errors']}")
     report = {"cpus_per_setup": 2, "seconds_per_round": args.seconds, "rounds": args.rounds,
               "concurrency": args.concurrency, "results": rows, "ratios": _ratios(rows)}
-    (out / "serve.json").write_text(json.dumps(report, indent=2))
     _table(rows, report["ratios"])
-    _plot(rows, report["ratios"], out / "serve.png")
-    print(f"\nwrote {out / 'serve.json'} and {out / 'serve.png'}")
+    json_path, png_path = common.write_report(Path(args.out), "serve", report,
+                                              lambda path: _plot(rows, report["ratios"], path))
+    print(f"\nwrote {json_path} and {png_path}")
     return 0
 
 
@@ -297,9 +223,6 @@ def _table(rows: list[dict], ratios: dict) -> None:
 
 
 def _plot(rows: list[dict], ratios: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     models = list(dict.fromkeys(r["model"] for r in rows))

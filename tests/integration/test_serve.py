@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -15,12 +14,11 @@ import numpy as np
 import pytest
 import requests
 import torch
+from support import running_replicas, wait_for
+from testmodels import serve_models
+from testmodels.serve_models import RAISE, SPIN
 
-from tenfold.integration import http
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _serve_models  # noqa: E402
-from _serve_models import RAISE, SPIN  # noqa: E402
+from tenfold.integration import codec
 
 pytestmark = pytest.mark.ray
 
@@ -30,28 +28,8 @@ MAX_REQUEST_BYTES = 64 * 1024
 
 def expected(x: list, k: list) -> tuple[np.ndarray, np.ndarray]:
     with torch.no_grad():
-        y, k2 = _serve_models.Probe()(torch.tensor(x, dtype=torch.float32), torch.tensor(k))
+        y, k2 = serve_models.Probe()(torch.tensor(x, dtype=torch.float32), torch.tensor(k))
     return y.numpy(), k2.numpy()
-
-
-def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.25):  # noqa: ANN001, ANN201
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(interval_s)
-
-
-def running_replicas(app: str, deployment: str = "probe") -> int:
-    from ray import serve
-
-    status = serve.status().applications.get(app)
-    if status is None or deployment not in status.deployments:
-        return 0
-    return status.deployments[deployment].replica_states.get("RUNNING", 0)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +57,7 @@ def test_json_call_answers_the_models_outputs(probe: SimpleNamespace) -> None:
     x, k = [[1.0, 2.0, 3.0, 4.0], [0.5, -1.0, 0.0, 2.0]], [3, 4]
     r = requests.post(probe.url, json={"inputs": [x, k]}, timeout=30)
     assert r.status_code == 200, r.text
-    assert r.headers["content-type"].startswith(http.JSON_TYPE)
+    assert r.headers["content-type"].startswith(codec.JSON_TYPE)
     y, k2 = r.json()["outputs"]
     want_y, want_k = expected(x, k)
     np.testing.assert_allclose(np.array(y, dtype=np.float32), want_y, rtol=1e-6)
@@ -92,11 +70,11 @@ def test_json_call_answers_the_models_outputs(probe: SimpleNamespace) -> None:
 def test_arrow_call_answers_arrow(probe: SimpleNamespace) -> None:
     x = np.arange(12, dtype=np.float32).reshape(3, 4)
     k = np.array([1, 2, 3])
-    body = http.encode_arrow_inputs([x, k], ["x", "k"])
-    r = requests.post(probe.url, data=body, headers={"Content-Type": http.ARROW_TYPE}, timeout=30)
+    body = codec.encode_arrow_inputs([x, k], ["x", "k"])
+    r = requests.post(probe.url, data=body, headers={"Content-Type": codec.ARROW_TYPE}, timeout=30)
     assert r.status_code == 200, r.text
-    assert r.headers["content-type"] == http.ARROW_TYPE
-    out = http.decode_arrow_outputs(r.content)
+    assert r.headers["content-type"] == codec.ARROW_TYPE
+    out = codec.decode_arrow_outputs(r.content)
     want_y, want_k = expected(x.tolist(), k.tolist())
     assert list(out) == ["output_0", "output_1"]
     np.testing.assert_allclose(out["output_0"], want_y, rtol=1e-6)
@@ -130,8 +108,8 @@ def test_handle_calls_take_tensors_and_arrays(probe: SimpleNamespace) -> None:
 
 
 def test_handle_calls_from_another_deployment(serve_session, probe_archive: Path) -> None:
-    from _serve_callers import Caller
     from ray import serve
+    from testmodels.serve_callers import Caller
 
     from tenfold.integration import app_builder
 
@@ -161,16 +139,16 @@ def test_concurrent_requests_run_in_both_interpreters(probe: SimpleNamespace) ->
 
 ERRORS = [
     # (method, path, content type, body, status, words in the message)
-    ("POST", "", http.JSON_TYPE, b"{not json", 400, "not valid JSON"),
-    ("POST", "", http.ARROW_TYPE, b"not an arrow stream", 400, "not an Arrow IPC stream"),
-    ("POST", "", http.JSON_TYPE, b'{"inputs": [[[1, 2, 3, 4]]]}', 422, "takes 2 input(s)"),
-    ("POST", "", http.JSON_TYPE, b'{"input": []}', 422, 'exactly the key "inputs"'),
-    ("POST", "", http.JSON_TYPE, b'{"inputs": [[[1, 2, 3]], [1]]}', 422, "input 0 (x) has shape [1, 3]"),
-    ("POST", "", http.JSON_TYPE, b'{"inputs": [[[1, 2, 3, 4]], [0.5]]}', 422, "input 1 (k) must be int64"),
-    ("POST", "", http.ARROW_TYPE, http.encode_arrow([np.zeros((1, 4)), np.zeros(1, np.int64)], ["x", "k"]), 422,
+    ("POST", "", codec.JSON_TYPE, b"{not json", 400, "not valid JSON"),
+    ("POST", "", codec.ARROW_TYPE, b"not an arrow stream", 400, "not an Arrow IPC stream"),
+    ("POST", "", codec.JSON_TYPE, b'{"inputs": [[[1, 2, 3, 4]]]}', 422, "takes 2 input(s)"),
+    ("POST", "", codec.JSON_TYPE, b'{"input": []}', 422, 'exactly the key "inputs"'),
+    ("POST", "", codec.JSON_TYPE, b'{"inputs": [[[1, 2, 3]], [1]]}', 422, "input 0 (x) has shape [1, 3]"),
+    ("POST", "", codec.JSON_TYPE, b'{"inputs": [[[1, 2, 3, 4]], [0.5]]}', 422, "input 1 (k) must be int64"),
+    ("POST", "", codec.ARROW_TYPE, codec.encode_arrow([np.zeros((1, 4)), np.zeros(1, np.int64)], ["x", "k"]), 422,
      "does not convert safely to float32"),
     ("POST", "", "text/csv", b"1,2,3", 415, "Content-Type 'text/csv' is not served"),
-    ("POST", "", http.JSON_TYPE, b" " * (MAX_REQUEST_BYTES + 1), 413, "over max_request_bytes"),
+    ("POST", "", codec.JSON_TYPE, b" " * (MAX_REQUEST_BYTES + 1), 413, "over max_request_bytes"),
     ("GET", "", None, None, 405, "POST inputs to /"),
     ("POST", "/-/manifest", None, b"", 405, "GET /-/manifest"),
     ("GET", "/nowhere", None, None, 404, "no route /nowhere"),
@@ -191,7 +169,7 @@ def test_bad_requests_get_a_4xx_with_a_json_error(probe: SimpleNamespace, method
 
 def test_an_oversized_streamed_body_is_refused_without_content_length(probe: SimpleNamespace) -> None:
     chunks = (b" " * 8192 for _ in range(MAX_REQUEST_BYTES // 8192 + 2))  # chunked: no Content-Length
-    r = requests.post(probe.url, data=chunks, headers={"Content-Type": http.JSON_TYPE}, timeout=30)
+    r = requests.post(probe.url, data=chunks, headers={"Content-Type": codec.JSON_TYPE}, timeout=30)
     assert r.status_code == 413 and "over max_request_bytes" in r.json()["error"]["message"]
 
 
@@ -255,7 +233,7 @@ def test_batching_needs_a_batch_dimension(tmp_path: Path) -> None:
     from tenfold.packaging import save
 
     fixed = tmp_path / "fixed.pt"
-    save(_serve_models.probe, fixed, example_inputs=_serve_models.example_inputs(), dynamic={"x": [], "k": []})
+    save(serve_models.probe, fixed, example_inputs=serve_models.example_inputs(), dynamic={"x": [], "k": []})
     with pytest.raises(DeployError, match=r"max_batch_size needs a dynamic first .* x: float32\[2, 4\]"):
         app_builder({"archive": str(fixed), "max_batch_size": 4})
 
@@ -328,12 +306,12 @@ def test_autoscaling_follows_interpreter_utilization_from_the_object_store(serve
                 failures.append(r.text)
 
     try:
-        assert running_replicas("scaling") == 1
+        assert running_replicas("scaling", "probe") == 1
         with ThreadPoolExecutor(6) as clients:
             for _ in range(6):
                 clients.submit(client)
             try:
-                wait_for(lambda: running_replicas("scaling") >= 2, 90, "a scale-up under load")
+                wait_for(lambda: running_replicas("scaling", "probe") >= 2, 90, "a scale-up under load")
                 # New replicas serve: they resolved the archive from the object store (the file is gone).
                 # Generous: on a loaded machine the proxy may learn of a new replica many seconds late.
                 deadline = time.monotonic() + 90
@@ -343,7 +321,7 @@ def test_autoscaling_follows_interpreter_utilization_from_the_object_store(serve
                 stop.set()
         assert not failures, failures[:3]
         assert len(pids) >= 2, pids
-        wait_for(lambda: running_replicas("scaling") == 1, 90, "a scale-down once idle")
+        wait_for(lambda: running_replicas("scaling", "probe") == 1, 90, "a scale-down once idle")
     finally:
         stop.set()
         serve.delete("scaling")

@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from support import subprocess_env
 
-from tenfold.runtime import _bench
+from tenfold.bench import runtime as bench_runtime
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="namespace interpreters need glibc")
 
 
 def test_quick_benchmark_writes_json_and_png(tmp_path: Path) -> None:
-    env = dict(os.environ, GLIBC_TUNABLES="glibc.rtld.optional_static_tls=65536")
+    env = subprocess_env()
     cmd = [sys.executable, "-m", "tenfold", "bench", "runtime", "--quick", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -26,7 +26,7 @@ def test_quick_benchmark_writes_json_and_png(tmp_path: Path) -> None:
     assert results["meta"]["quick"] is True
     models, sizes = results["meta"]["models"], results["meta"]["sizes"]
     measured = {(r["model"], r["mode"], r["size"]): r for r in results["throughput"]}
-    assert set(measured) == {(m, mode, n) for m in models for mode in _bench.MODES for n in sizes}
+    assert set(measured) == {(m, mode, n) for m in models for mode in bench_runtime.MODES for n in sizes}
     for row in measured.values():
         assert row["median"] > 0 and all(len(w) == row["size"] for w in row["per_worker"])
     assert measured[("mlp", "interpreters", 1)]["vs_one_interpreter"] == pytest.approx(1.0)
