@@ -333,6 +333,7 @@ def _inspect(args: argparse.Namespace) -> int:
     print(f"torch     {manifest.torch_version} (python {manifest.python_version})")
     print(f"interned  {', '.join(manifest.interned_modules) or '-'}")
     print(f"extern    {', '.join(manifest.extern_modules) or '-'}")
+    print(f"requires  {', '.join(manifest.requirements) or '-'}")
     if manifest.mocked_modules:
         print(f"mocked    {', '.join(manifest.mocked_modules)}")
     if manifest.writes_weights:
@@ -401,7 +402,8 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"tenfold serve: {exc}", file=sys.stderr)
             return 1
         serve.run(app, name=name, route_prefix="/")
-        print(_usage(name, args, request_file, [s.dtype for s in manifest.inputs]), flush=True)
+        address = ray.get_runtime_context().gcs_address
+        print(_usage(name, args, request_file, manifest.signature(), address), flush=True)
         while True:
             signal.pause()
     except KeyboardInterrupt:
@@ -421,28 +423,32 @@ def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def _usage(name: str, args: argparse.Namespace, request_file: Path, dtypes: list[str]) -> str:
+def _usage(name: str, args: argparse.Namespace, request_file: Path, signature: str, address: str) -> str:
     url = f"http://{args.host}:{args.port}/"
+    body = request_file.read_text()
+    data = f"'{body}'" if len(body) <= 160 and "'" not in body else f"@{request_file}"
+    # A local Ray authenticates its clients with ~/.ray/auth_token, and a client uses it only when told to.
+    auth = "RAY_AUTH_MODE=token " if os.environ.get("RAY_AUTH_MODE", "").lower() == "token" else ""
     return f"""
 tenfold is serving {name!r}: {args.replicas} replica(s) x {args.interpreters} interpreter(s) ({args.backend}).
+Its signature: {signature}
 
-  curl -s -X POST {url} -H 'Content-Type: application/json' -d @{request_file}
+  curl -s -X POST {url} -H 'Content-Type: application/json' -d {data}
   curl -s {url}-/manifest
+  curl -s {url}-/openapi.json
 
-From Python (another process on this machine):
+From Python (another process on this machine), with the same inputs as Python values:
 
-  python - <<'PY'
-  import json, ray, torch
+  {auth}python - <<'PY'
+  import json, ray
   from ray import serve
-  ray.init(address="auto")
+  ray.init(address={address!r})
   handle = serve.get_app_handle({name!r})
   inputs = json.load(open({str(request_file)!r}))["inputs"]
-  dtypes = {dtypes!r}
-  print(handle.remote(*[torch.tensor(v, dtype=getattr(torch, d)) for v, d in zip(inputs, dtypes)]).result())
+  print(handle.remote(*inputs).result())
   PY
 
-Arrow IPC: POST with Content-Type: application/vnd.apache.arrow.stream (one column per input).
-Ctrl-C stops serving.
+The request body is also in {request_file}. Ctrl-C stops serving.
 """
 
 

@@ -39,10 +39,14 @@ class PlainModel:
         from tenfold.packaging import read_manifest
 
         torch.set_num_threads(1)  # one CPU per replica, as each interpreter gets
+        from tenfold.integration import codec
+
         self._manifest = read_manifest(archive)
-        self._output_names = [o.name for o in self._manifest.outputs]
+        self._interface = codec.Interface.of(self._manifest)
         package, _, resource = self._manifest.entry.rpartition("/")
-        self._model = PackageImporter(archive).load_pickle(package, resource).eval()
+        self._model = PackageImporter(archive).load_pickle(package, resource)
+        if isinstance(self._model, torch.nn.Module):
+            self._model.eval()
         self._executor = ThreadPoolExecutor(1)
 
     async def __call__(self, request: Any) -> Any:
@@ -58,7 +62,7 @@ class PlainModel:
         from tenfold.integration import codec
 
         with torch.no_grad():  # the same per-request work as a tenfold interpreter does
-            answer = codec.predict_json(self._model, body, self._manifest.inputs, self._output_names)
+            answer = codec.predict_json(self._model, body, self._interface)
         return Response(answer, media_type=codec.JSON_TYPE)
 
     async def pid(self) -> int:

@@ -41,6 +41,12 @@ def _read_archive(path: str) -> tuple[bytes, Path]:
 def _check_batching(args: AppArgs, manifest: Any) -> None:
     if args.max_batch_size is None:
         return
+    if manifest.takes_values:
+        raise DeployError(
+            f"max_batch_size joins requests along the first dimension of tensor inputs; {manifest.name} takes "
+            f"Python values {manifest.signature()}, which have none. Drop max_batch_size (each request is one "
+            "call, and the model may batch the values of one request itself, e.g. a list of texts)"
+        )
     fixed = [s.describe() for s in [*manifest.inputs, *manifest.outputs] if not s.shape or s.shape[0] is not None]
     if fixed:
         raise DeployError(

@@ -1,19 +1,24 @@
 """The wire format of the HTTP endpoint: JSON and Arrow IPC in and out, and errors as JSON bodies.
 
-JSON: `{"inputs": [x0, x1, ...]}`, one nested list per positional input of the model, converted to the
-manifest's dtypes; the answer is `{"outputs": [y0, ...]}`, one nested list per output.
-Arrow IPC stream: one column per input, named as in the manifest, rows along the first dimension
-(1-D inputs as plain columns, higher ranks as `fixed_shape_tensor` columns); the answer is a stream
-with one column per output, encoded the same way.
+JSON: `{"inputs": [x0, x1, ...]}` (positional) or `{"inputs": {"name": x, ...}}` (by parameter name).
+A tensor input is nested lists of numbers, converted to the manifest's dtype; a Python-valued input is
+any JSON value, validated against the manifest's signature. A tensor model answers `{"outputs": [y0, ...]}`,
+one nested list per output; a Python-valued model answers `{"outputs": <its result as JSON>}`.
+Arrow IPC stream (tensor models): one column per input, named as in the manifest, rows along the first
+dimension (1-D inputs as plain columns, higher ranks as `fixed_shape_tensor` columns); the answer is a
+stream with one column per output, encoded the same way.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from tenfold.packaging import Manifest, Spec, TensorSpec, _arrays, _signature, _values
 
 JSON_TYPE = "application/json"
 ARROW_TYPE = "application/vnd.apache.arrow.stream"
@@ -35,8 +40,16 @@ class HTTPError(Exception):
             self.kind = kind
         self.headers = headers or {}
 
+    def __reduce__(self) -> tuple[Any, ...]:  # crosses back from interpreters with its status
+        return (_rebuild_http_error, (type(self), self.message, self.status, self.kind, self.headers))
+
     def body(self) -> bytes:
         return json.dumps({"error": {"status": self.status, "type": self.kind, "message": self.message}}).encode()
+
+
+def _rebuild_http_error(cls: type[HTTPError], message: str, status: int, kind: str,
+                        headers: dict[str, str]) -> HTTPError:
+    return cls(message, status=status, kind=kind, headers=headers)
 
 
 class MalformedRequest(HTTPError):
@@ -63,63 +76,32 @@ class UnsupportedMediaType(HTTPError):
     kind = "UnsupportedMediaType"
 
 
-def _describe(spec: Any) -> str:
-    dims = ", ".join("?" if d is None else str(d) for d in spec.shape)
-    return f"{spec.name}: {spec.dtype}[{dims}]"
+@dataclass(frozen=True)
+class Interface:
+    """What the codec needs of a manifest, small enough to travel with every request to an interpreter."""
+
+    inputs: tuple[Spec, ...]
+    outputs: tuple[str, ...]
+    structure: str
+    signature: str
+
+    @classmethod
+    def of(cls, manifest: Manifest) -> Interface:
+        return cls(tuple(manifest.inputs), tuple(o.name for o in manifest.outputs), manifest.output_structure,
+                   manifest.signature())
+
+    @property
+    def takes_values(self) -> bool:
+        """True for a Python-valued model (any input or the output is not a tensor)."""
+        return self.structure == "value" or not all(isinstance(s, TensorSpec) for s in self.inputs)
 
 
-def _signature(specs: Sequence[Any]) -> str:
-    return "(" + ", ".join(_describe(s) for s in specs) + ")"
+def _signature_of(specs: Sequence[Any]) -> str:
+    return "(" + ", ".join(s.describe() for s in specs) + ")"
 
 
-def _numpy_dtype(spec: Any) -> np.dtype:
-    try:
-        return np.dtype(spec.dtype)
-    except TypeError:
-        raise InvalidInput(f"input {spec.name!r} has dtype {spec.dtype}, which HTTP callers cannot send; "
-                           "use a Python handle") from None
-
-
-def _cast(value: np.ndarray, spec: Any, where: str, *, typed: bool = False) -> np.ndarray:
-    """`value` as the spec's dtype, else 422. JSON numbers carry no width: any number of the right kind
-    is taken (integers that fit, integers as floats). A typed (Arrow) column must convert safely."""
-    target = _numpy_dtype(spec)
-    if value.dtype == target:
-        return value
-    if typed:
-        if not np.can_cast(value.dtype, target, "safe"):
-            raise InvalidInput(f"{where} has type {value.dtype}, which does not convert safely to {spec.dtype}; "
-                               f"expected {_describe(spec)}")
-        return value.astype(target)
-    kind, want = value.dtype.kind, target.kind
-    ok = (
-        (want == "f" and kind in "iuf")
-        or (want in "iu" and kind in "iu")
-        or (want == "c" and kind in "iufc")
-        or (want == "b" and kind == "b")
-    )
-    if not ok:
-        raise InvalidInput(f"{where} must be {spec.dtype}, got {_describe_kind(value)}; expected {_describe(spec)}")
-    with np.errstate(over="ignore", invalid="ignore"):
-        out = value.astype(target)
-    if want in "iu" and not np.array_equal(out, value):
-        raise InvalidInput(f"{where} has values out of range for {spec.dtype}")
-    return out
-
-
-def _describe_kind(value: np.ndarray) -> str:
-    return {"b": "booleans", "i": "integers", "u": "integers", "f": "floats", "c": "complex numbers",
-            "U": "strings", "S": "bytes", "O": "mixed or ragged values"}.get(value.dtype.kind, str(value.dtype))
-
-
-def _check_shape(value: np.ndarray, spec: Any, where: str) -> None:
-    shape = list(spec.shape)
-    if value.ndim != len(shape) or any(d is not None and d != n for d, n in zip(shape, value.shape)):
-        raise InvalidInput(f"{where} has shape {list(value.shape)}, expected {_describe(spec)} (?: any size)")
-
-
-def decode_json(body: bytes, specs: Sequence[Any]) -> list[np.ndarray]:
-    """Arrays from `{"inputs": [...]}`, converted to and checked against the manifest's inputs."""
+def parse_inputs(body: bytes, specs: Sequence[Spec]) -> list[Any]:
+    """The positional inputs of `{"inputs": [...]}` or `{"inputs": {name: ...}}`, as JSON values."""
     try:
         doc = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -142,21 +124,20 @@ def decode_json(body: bytes, specs: Sequence[Any]) -> list[np.ndarray]:
     if not isinstance(items, list):
         raise InvalidInput(f'"inputs" must be a list with one entry per model input, got {type(items).__name__}')
     if len(items) != len(specs):
-        raise InvalidInput(f"the model takes {len(specs)} input(s) {_signature(specs)}, got {len(items)}")
+        raise InvalidInput(f"the model takes {len(specs)} input(s) {_signature_of(specs)}, got {len(items)}")
+    return items
+
+
+def decode_json(body: bytes, specs: Sequence[Spec]) -> list[np.ndarray]:
+    """Arrays from `{"inputs": [...]}` for a tensor model, converted to and checked against its inputs."""
     arrays = []
-    for i, (item, spec) in enumerate(zip(items, specs)):
-        where = f"input {i} ({spec.name})"
+    for i, (item, spec) in enumerate(zip(parse_inputs(body, specs), specs)):
+        if not isinstance(spec, TensorSpec):
+            raise InvalidInput(f"input {i} ({spec.name}) is a Python value; decode it with parse_inputs")
         try:
-            value = np.asarray(item)
-        except (ValueError, OverflowError) as exc:  # ragged nesting
-            raise InvalidInput(f"{where} is not a rectangular array: {exc}") from None
-        if value.dtype.kind in "OUSV":
-            raise InvalidInput(f"{where} must be a rectangular array of numbers, got {_describe_kind(value)}")
-        if value.size == 0:  # `[]` carries no dtype: take the model's
-            value = value.astype(_numpy_dtype(spec))
-        value = _cast(value, spec, where)
-        _check_shape(value, spec, where)
-        arrays.append(value)
+            arrays.append(_arrays.from_nested(item, spec, f"input {i} ({spec.name})"))
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from None
     return arrays
 
 
@@ -164,13 +145,47 @@ def encode_json(outputs: Sequence[np.ndarray]) -> bytes:
     return json.dumps({"outputs": [np.asarray(o).tolist() for o in outputs]}).encode()
 
 
-def predict_json(model: Any, body: bytes, specs: Sequence[Any], names: Sequence[str]) -> bytes:
-    """The JSON answer of `model` to a JSON request body: decoding, the call and encoding in one step, so
-    that an interpreter does them all and the replica's host thread only moves bytes."""
+def encode_value(result: Any) -> bytes:
+    """The JSON answer of a Python-valued model: `{"outputs": <result as JSON>}`."""
+    try:
+        return json.dumps({"outputs": _values.to_json(result)}).encode()
+    except TypeError as exc:
+        raise HTTPError(f"the model's result cannot be sent as JSON: {exc}", status=500,
+                        kind="ModelError") from None
+
+
+def predict_json(model: Any, body: bytes, interface: Interface) -> bytes:
+    """The JSON answer of `model` to a JSON request body: decoding, validation, the call and encoding in one
+    step, so that an interpreter does them all and the replica's host thread only moves bytes."""
+    if interface.takes_values:
+        try:
+            inputs = _signature.prepare_inputs(model, interface.inputs, parse_inputs(body, interface.inputs),
+                                               interface.signature)
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from None
+        return encode_value(model(*inputs))
     import torch
 
-    inputs = [torch.from_numpy(a) for a in decode_json(body, specs)]
-    return encode_json(as_arrays(model(*inputs), names))
+    tensors = [torch.from_numpy(a) for a in decode_json(body, interface.inputs)]
+    return encode_json(as_arrays(model(*tensors), interface.outputs))
+
+
+def predict_arrow(model: Any, body: bytes, interface: Interface) -> bytes:
+    """The Arrow answer of a tensor model to an Arrow request body, all of it inside an interpreter."""
+    import torch
+
+    if interface.takes_values:
+        raise UnsupportedMediaType(f"this model takes Python values {interface.signature}: send {JSON_TYPE}")
+    tensors = [torch.from_numpy(a) for a in decode_arrow(body, interface.inputs)]
+    return encode_arrow(as_arrays(model(*tensors), interface.outputs), interface.outputs)
+
+
+def run_arrays(model: Any, names: Sequence[str], *arrays: np.ndarray) -> list[np.ndarray]:
+    """A tensor model run on numpy arrays (seen as tensors), its outputs as numpy arrays: what a batch of
+    requests joined in the host sends to an interpreter, so that no tensor crosses back."""
+    import torch
+
+    return as_arrays(model(*[torch.from_numpy(a) for a in arrays]), names)
 
 
 def as_arrays(result: Any, names: Sequence[str]) -> list[np.ndarray]:
@@ -201,7 +216,7 @@ def decode_arrow(body: bytes, specs: Sequence[Any]) -> list[np.ndarray]:
         raise MalformedRequest(f"the body is not an Arrow IPC stream: {exc}") from None
     names = [s.name for s in specs]
     if table.column_names != names:
-        raise InvalidInput(f"the Arrow columns must be {names} (one per model input {_signature(specs)}), "
+        raise InvalidInput(f"the Arrow columns must be {names} (one per model input {_signature_of(specs)}), "
                            f"got {table.column_names}")
     arrays = []
     for name, spec in zip(names, specs):
@@ -221,8 +236,11 @@ def decode_arrow(body: bytes, specs: Sequence[Any]) -> list[np.ndarray]:
         else:
             raise InvalidInput(f"{where} has Arrow type {column.type}; send a numeric column (1-D input) or a "
                                "fixed_shape_tensor column (rows along the first dimension)")
-        value = _cast(value, spec, where, typed=True)
-        _check_shape(value, spec, where)
+        try:
+            value = _arrays.cast(value, spec, where, typed=True)
+            _arrays.check_shape(value, spec, where)
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from None
         arrays.append(value)
     return arrays
 

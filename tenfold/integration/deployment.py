@@ -13,7 +13,6 @@ import asyncio
 import logging
 import os
 import time
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,7 +24,7 @@ from starlette.responses import Response
 
 from tenfold.runtime import BrokenInterpreterPool, InterpreterLost, InterpreterPool, RemoteError, remote_traceback
 
-from . import codec, policy
+from . import codec, openapi, policy
 from .config import AppArgs
 from .metrics import ReplicaMetrics
 
@@ -39,9 +38,10 @@ class RequestTimeout(TimeoutError):
 class TenfoldModel:
     """Serves one torch.package archive from `interpreters` interpreters of this replica's process.
 
-    Callers: `handle.remote(*tensors_or_arrays)` returns the model's output; HTTP `POST /` takes JSON or
-    Arrow IPC (see `tenfold.integration.http`); `GET /-/manifest` returns the manifest and
-    `GET /-/stats` the interpreters' figures.
+    Callers: `handle.remote(*inputs)` takes the model's positional inputs as Python values (tensors,
+    arrays or nested lists for tensor inputs) and returns its result; HTTP `POST /` takes JSON (or Arrow
+    IPC for tensor models, see `tenfold.integration.codec`); `GET /-/manifest` returns the manifest,
+    `GET /-/openapi.json` the OpenAPI document of `POST /`, and `GET /-/stats` the interpreters' figures.
     """
 
     def __init__(self, archive: list[ray.ObjectRef], args: dict[str, Any], sha256: str) -> None:
@@ -64,8 +64,7 @@ class TenfoldModel:
             self._pool.shutdown(wait=True)
             raise
         self._manifest = self._model.manifest
-        self._inputs = list(self._manifest.inputs)
-        self._output_names = [o.name for o in self._manifest.outputs]
+        self._interface = codec.Interface.of(self._manifest)
         self._metrics = ReplicaMetrics()
         self._batched = None
         if self._args.max_batch_size is not None:
@@ -153,7 +152,6 @@ class TenfoldModel:
     # -- inference -----------------------------------------------------------------------------
 
     async def _infer(self, inputs: list[Any]) -> Any:
-        inputs = [_as_tensor(v) for v in inputs]
         if self._batched is None:
             try:
                 future = self._model.submit(*inputs)
@@ -197,10 +195,18 @@ class TenfoldModel:
         self._metrics.observe_pool(self._pool.stats())
 
     async def _run_batch(self, batch: list[list[Any]]) -> list[Any]:
-        """One model call for several requests: inputs joined along dimension 0, outputs split back."""
+        """One model call for several requests: inputs joined along dimension 0, outputs split back.
+
+        Arrays (from HTTP) are joined with numpy and come back as numpy arrays, so that no tensor crosses
+        into this process; tensors (from handle calls, which brought torch here) are joined as tensors."""
         rows = [int(request[0].shape[0]) for request in batch]
-        joined = [_concatenate([request[i] for request in batch]) for i in range(len(batch[0]))]
-        result = await asyncio.wrap_future(self._model.submit(*joined))
+        columns = [[request[i] for request in batch] for i in range(len(batch[0]))]
+        if any(_is_tensor(v) for column in columns for v in column):
+            joined = [_join_tensors(column) for column in columns]
+            result = await asyncio.wrap_future(self._model.submit(*joined))
+        else:
+            joined = [np.concatenate(column) if len(column) > 1 else column[0] for column in columns]
+            result = await asyncio.wrap_future(self._model.apply(codec.run_arrays, self._interface.outputs, *joined))
         return _split(result, rows)
 
     # -- HTTP ----------------------------------------------------------------------------------
@@ -230,13 +236,16 @@ class TenfoldModel:
                 raise codec.HTTPError("POST inputs to /; GET /-/manifest for the signature", status=405,
                                      kind="MethodNotAllowed", headers={"Allow": "POST"})
             return await self._predict(request)
-        if path in ("/-/manifest", "/-/stats"):
+        if path in ("/-/manifest", "/-/stats", "/-/openapi.json"):
             if request.method != "GET":
                 raise codec.HTTPError(f"GET {path}", status=405, kind="MethodNotAllowed", headers={"Allow": "GET"})
-            body = await (self.manifest() if path == "/-/manifest" else self.stats())
+            if path == "/-/openapi.json":
+                body = openapi.document(self._manifest, title=self._args.name or self._manifest.name)
+            else:
+                body = await (self.manifest() if path == "/-/manifest" else self.stats())
             return Response(codec.json.dumps(body).encode(), media_type=codec.JSON_TYPE)
-        raise codec.HTTPError(f"no route {path}: POST / to predict, GET /-/manifest, GET /-/stats",
-                             status=404, kind="NotFound")
+        raise codec.HTTPError(f"no route {path}: POST / to predict, GET /-/manifest, GET /-/stats, "
+                              "GET /-/openapi.json", status=404, kind="NotFound")
 
     async def _predict(self, request: Request) -> Response:
         media = request.headers.get("content-type", codec.JSON_TYPE).split(";")[0].strip().lower()
@@ -245,18 +254,22 @@ class TenfoldModel:
                 f"Content-Type {media!r} is not served; send {codec.JSON_TYPE} or {codec.ARROW_TYPE}"
             )
         body = await _read_body(request, self._args.max_request_bytes)
-        if media == codec.JSON_TYPE and self._batched is None:
+        if media == codec.ARROW_TYPE and self._interface.takes_values:
+            raise codec.UnsupportedMediaType(
+                f"this model takes Python values {self._interface.signature}: send {codec.JSON_TYPE}")
+        if self._batched is None:
             # Decoding, the call and encoding all happen in an interpreter: the host only moves bytes.
-            future = self._model.apply(codec.predict_json, body, self._inputs, self._output_names)
+            predict = codec.predict_json if media == codec.JSON_TYPE else codec.predict_arrow
+            future = self._model.apply(predict, body, self._interface)
             answer = await self._outcome(asyncio.wrap_future(future), future)
-            return Response(answer, media_type=codec.JSON_TYPE)
+            return Response(answer, media_type=media)
         if media == codec.ARROW_TYPE:
-            inputs = codec.decode_arrow(body, self._inputs)
+            inputs = codec.decode_arrow(body, self._interface.inputs)
         else:
-            inputs = codec.decode_json(body, self._inputs)
-        outputs = codec.as_arrays(await self._infer(inputs), self._output_names)
+            inputs = codec.decode_json(body, self._interface.inputs)
+        outputs = codec.as_arrays(await self._infer(list(inputs)), self._interface.outputs)
         if media == codec.ARROW_TYPE:
-            return Response(codec.encode_arrow(outputs, self._output_names), media_type=codec.ARROW_TYPE)
+            return Response(codec.encode_arrow(outputs, self._interface.outputs), media_type=codec.ARROW_TYPE)
         return Response(codec.encode_json(outputs), media_type=codec.JSON_TYPE)
 
 
@@ -301,24 +314,15 @@ def _forget(future: asyncio.Future) -> None:
         future.exception()  # read, so that asyncio does not log it as never retrieved
 
 
-def _as_tensor(value: Any) -> Any:
-    """numpy arrays as torch tensors over the same memory (read-only views stay unwritten: the model's
-    contract); anything else as it is, for the model's signature check to judge."""
-    if isinstance(value, np.ndarray):
-        import torch
-
-        if value.flags.writeable:
-            return torch.from_numpy(value)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "The given NumPy array is not writable"
-            return torch.from_numpy(value)
-    return value
+def _is_tensor(value: Any) -> bool:
+    return type(value).__module__.startswith("torch") and hasattr(value, "detach")
 
 
-def _concatenate(values: Sequence[Any]) -> Any:
+def _join_tensors(values: Sequence[Any]) -> Any:
     import torch
 
-    return values[0] if len(values) == 1 else torch.cat(list(values))
+    tensors = [v if _is_tensor(v) else torch.as_tensor(v) for v in values]
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
 def _split(result: Any, rows: list[int]) -> list[Any]:

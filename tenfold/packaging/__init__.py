@@ -18,10 +18,12 @@ from .errors import (
     PackagingFailed,
     PinMismatch,
     ReferenceMismatch,
+    RequirementMismatch,
+    RequirementWarning,
     SharedWeightWrite,
     TorchVersionWarning,
 )
-from .manifest import Manifest, ReferenceCheck, TensorSpec
+from .manifest import Manifest, ReferenceCheck, Spec, TensorSpec, ValueSpec
 from .reader import load, read_example_inputs
 from .replicated import ReplicatedModel, replicate
 from .writer import repackage, save
@@ -40,11 +42,15 @@ __all__ = [
     "PinMismatch",
     "ReferenceCheck",
     "ReferenceMismatch",
+    "RequirementMismatch",
+    "RequirementWarning",
     "ReplicatedModel",
     "SharedWeightWrite",
     "Source",
+    "Spec",
     "TensorSpec",
     "TorchVersionWarning",
+    "ValueSpec",
     "archive_sha256",
     "load",
     "open_archive",

@@ -1,100 +1,260 @@
-"""Input and output signatures: specs from example tensors, and checking inputs against them."""
+"""A model's signature: specs built from its example inputs and type hints when it is packaged, and inputs
+checked (and converted) against them when it is called.
+
+A tensor or numpy array gets a TensorSpec (dtype and shape); any other value a ValueSpec with a JSON Schema,
+from the callable's type hint through pydantic where there is one, else inferred from the example.
+"""
 
 from __future__ import annotations
 
+import functools
 import inspect
-from collections.abc import Mapping, Sequence
-from typing import Any
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
 
-from .manifest import TensorSpec
+from . import _arrays, _values
+from .manifest import Spec, Structure, TensorSpec, ValueSpec
+
+# Hints that say nothing a JSON Schema could check: the example value decides.
+_ARRAY_HINTS = {"Tensor", "torch.Tensor", "ndarray", "numpy.ndarray", "np.ndarray"}
+_OPAQUE_HINTS = {"Any", "object", *_ARRAY_HINTS}
 
 
 def dtype_name(dtype: Any) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def input_names(model: Any, count: int) -> list[str]:
-    """forward()'s positional parameter names, else input_<i>."""
+def call_target(model: Any) -> Callable[..., Any]:
+    """What a call of `model` runs: forward() of a torch module, else the object's __call__ (or itself)."""
+    forward = getattr(model, "forward", None)
+    if forward is not None and _is_module(model):
+        return forward
+    return model if inspect.isfunction(model) or inspect.ismethod(model) else model.__call__
+
+
+def _is_module(model: Any) -> bool:
+    torch = __import__("sys").modules.get("torch")
+    return torch is not None and isinstance(model, torch.nn.Module)
+
+
+def _parameters(model: Any) -> list[inspect.Parameter]:
     try:
-        params = list(inspect.signature(model.forward).parameters.values())
+        params = list(inspect.signature(call_target(model)).parameters.values())
     except (TypeError, ValueError):
-        params = []
-    names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if len(names) < count:
-        return [f"input_{i}" for i in range(count)]
-    return names[:count]
+        return []
+    return [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
-def input_specs(
-    names: list[str], tensors: Sequence[Any], dynamic: Mapping[str, Sequence[int]] | None
-) -> list[TensorSpec]:
-    dynamic = dict(dynamic) if dynamic is not None else {n: (0,) for n, t in zip(names, tensors) if t.dim() > 0}
-    unknown = sorted(set(dynamic) - set(names))
+def input_names(model: Any, count: int) -> list[str]:
+    """The call's positional parameter names, else input_<i>."""
+    names = [p.name for p in _parameters(model)]
+    return names[:count] if len(names) >= count else [f"input_{i}" for i in range(count)]
+
+
+def hints(model: Any) -> dict[str, Any]:
+    """The call's type hints (with Annotated metadata), or {} where they cannot be resolved."""
+    try:
+        return typing.get_type_hints(call_target(model), include_extras=True)
+    except Exception:  # noqa: BLE001 - unresolvable hints are no hints: the examples decide
+        return {}
+
+
+def _hint_text(hint: Any) -> str:
+    text = hint.__name__ if isinstance(hint, type) and not getattr(hint, "__args__", None) else repr(hint)
+    return text.replace("typing.", "").replace("typing_extensions.", "")
+
+
+def _json_hint(hint: Any) -> bool:
+    return hint is not None and _hint_text(hint) not in _OPAQUE_HINTS and hint is not inspect.Parameter.empty
+
+
+@functools.cache
+def _adapter(hint: Any) -> Any:
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(hint)
+
+
+# -- at packaging ----------------------------------------------------------------------------------
+
+
+def input_specs(model: Any, inputs: Sequence[Any], dynamic: Mapping[str, Sequence[int]] | None) -> list[Spec]:
+    """One spec per positional input: its example value decides tensor or value, the hint gives the schema."""
+    names = input_names(model, len(inputs))
+    tensors = {n: v for n, v in zip(names, inputs) if _is_tensor(v) or _values._is_array(v)}
+    dynamic = dict(dynamic) if dynamic is not None else {n: (0,) for n, v in tensors.items() if len(v.shape) > 0}
+    unknown = sorted(set(dynamic) - set(tensors))
     if unknown:
-        raise ValueError(f"dynamic names unknown inputs {unknown}; the inputs are {names}")
-    specs = []
-    for name, t in zip(names, tensors):
-        dims = set(dynamic.get(name, ()))
-        bad = sorted(d for d in dims if not 0 <= d < t.dim())
-        if bad:
-            raise ValueError(f"dynamic dims {bad} of input {name!r} are out of range for rank {t.dim()}")
-        shape = [None if i in dims else int(s) for i, s in enumerate(t.shape)]
-        specs.append(TensorSpec(name=name, dtype=dtype_name(t.dtype), shape=shape))
+        raise ValueError(f"dynamic names inputs that are not tensors or arrays {unknown}; the tensor inputs are "
+                         f"{sorted(tensors)}")
+    hinted = hints(model)
+    specs: list[Spec] = []
+    for name, value in zip(names, inputs):
+        if name in tensors:
+            specs.append(_tensor_spec(name, value, dynamic.get(name, ())))
+            continue
+        hint = hinted.get(name)
+        if hint is not None and _hint_text(hint) in _ARRAY_HINTS:
+            raise TypeError(f"input {name!r} is hinted {_hint_text(hint)}, but its example is a "
+                            f"{type(value).__name__}; pass a {_hint_text(hint)} as its example")
+        specs.append(_value_spec(name, value, hint))
     return specs
 
 
-def flatten_output(output: Any) -> tuple[str, list[tuple[str, Any]]]:
-    """(structure, [(name, tensor), ...]) of a model's output; raises TypeError for other outputs."""
-    import torch
-
-    if isinstance(output, torch.Tensor):
-        return "tensor", [("output", output)]
-    if isinstance(output, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in output):
-        return type(output).__name__ if type(output) in (tuple, list) else "tuple", [
-            (f"output_{i}", t) for i, t in enumerate(output)
-        ]
-    if isinstance(output, Mapping) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                           for k, v in output.items()):
-        return "dict", list(output.items())
-    raise TypeError(
-        f"the model returned {type(output).__name__}; outputs must be a tensor, or a tuple, list or str-keyed dict "
-        "of tensors"
-    )
+def _tensor_spec(name: str, value: Any, dynamic_dims: Sequence[int]) -> TensorSpec:
+    rank = len(value.shape)
+    bad = sorted(d for d in dynamic_dims if not 0 <= d < rank)
+    if bad:
+        raise ValueError(f"dynamic dims {bad} of input {name!r} are out of range for rank {rank}")
+    shape = [None if i in set(dynamic_dims) else int(s) for i, s in enumerate(value.shape)]
+    array: Literal["torch", "numpy"] = "torch" if _is_tensor(value) else "numpy"
+    return TensorSpec(name=name, dtype=dtype_name(value.dtype), shape=shape, array=array)
 
 
-def output_specs(named: list[tuple[str, Any]], inputs: list[TensorSpec], tensors: Sequence[Any]) -> list[TensorSpec]:
-    """Output specs, informative only: dim 0 is dynamic with a dynamic batch, and a later dim is taken as
-    dynamic when its size is that of a dynamic input dimension (e.g. the sequence length)."""
-    batch = bool(inputs) and bool(inputs[0].shape) and inputs[0].shape[0] is None
-    varying = {int(t.shape[d]) for spec, t in zip(inputs, tensors) for d, s in enumerate(spec.shape)
-               if s is None and d > 0 and t.shape[d] > 1}
-    return [
-        TensorSpec(
-            name=name,
-            dtype=dtype_name(t.dtype),
-            shape=[None if (i == 0 and batch) or (i > 0 and int(s) in varying) else int(s)
-                   for i, s in enumerate(t.shape)],
-        )
-        for name, t in named
+def _value_spec(name: str, value: Any, hint: Any) -> ValueSpec:
+    if _json_hint(hint):
+        try:
+            schema = _adapter(hint).json_schema()
+        except Exception as exc:  # noqa: BLE001 - pydantic's own message says which part it cannot handle
+            raise TypeError(f"{name}: the type hint {_hint_text(hint)} has no JSON Schema ({exc}); use types "
+                            "pydantic understands (list[str], dict[str, float], Literal, pydantic models...)") from None
+        return ValueSpec(name=name, type=_hint_text(hint), json_schema=schema, hinted=True)
+    try:
+        type_text, schema = _values.infer(value)
+    except TypeError as exc:
+        raise TypeError(f"{name}: {exc}") from None
+    return ValueSpec(name=name, type=type_text, json_schema=schema, hinted=False)
+
+
+def output_specs(model: Any, output: Any, inputs: list[Spec], values: Sequence[Any]) -> tuple[Structure, list[Spec]]:
+    """(structure, specs) of the example output: tensors as before (a tensor, or a tuple, list or str-keyed
+    dict of them), anything else one ValueSpec from the return hint or the example."""
+    named = _tensor_outputs(output)
+    if named is None:
+        return "value", [_value_spec("output", output, hints(model).get("return"))]
+    structure, tensors = named
+    batch = bool(inputs) and isinstance(inputs[0], TensorSpec) and bool(inputs[0].shape) and inputs[0].shape[0] is None
+    varying = {int(v.shape[d]) for spec, v in zip(inputs, values) if isinstance(spec, TensorSpec)
+               for d, s in enumerate(spec.shape) if s is None and d > 0 and v.shape[d] > 1}
+    specs: list[Spec] = [
+        TensorSpec(name=name, dtype=dtype_name(t.dtype),
+                   shape=[None if (i == 0 and batch) or (i > 0 and int(s) in varying) else int(s)
+                          for i, s in enumerate(t.shape)])
+        for name, t in tensors
     ]
+    return structure, specs
 
 
-def check_inputs(specs: list[TensorSpec], inputs: Sequence[Any], signature: str) -> None:
-    """Raise ValueError naming the first input that does not fit `specs` (count, type, dtype, rank, size)."""
-    import torch
+def _tensor_outputs(output: Any) -> tuple[Structure, list[tuple[str, Any]]] | None:
+    if _is_tensor(output):
+        return "tensor", [("output", output)]
+    if type(output) in (tuple, list) and output and all(_is_tensor(t) for t in output):
+        return "tuple" if type(output) is tuple else "list", [(f"output_{i}", t) for i, t in enumerate(output)]
+    if isinstance(output, Mapping) and output and all(isinstance(k, str) and _is_tensor(v)
+                                                      for k, v in output.items()):
+        return "dict", list(output.items())
+    return None
 
+
+def flatten_output(output: Any) -> tuple[Structure, list[tuple[str, Any]]]:
+    """(structure, [(name, value), ...]): tensors by name, or the whole value as 'output'."""
+    return _tensor_outputs(output) or ("value", [("output", output)])
+
+
+def _is_tensor(value: Any) -> bool:
+    return type(value).__module__.startswith("torch") and hasattr(value, "dtype") and hasattr(value, "shape") and \
+        hasattr(value, "detach")
+
+
+# -- at call time ----------------------------------------------------------------------------------
+
+
+def check_inputs(specs: Sequence[Spec], inputs: Sequence[Any], signature: str) -> None:
+    """Raise ValueError naming the first input that surely does not fit `specs`: the count, and the dtype,
+    rank and sizes of tensors and arrays. What needs the model's code (type hints) is checked where it runs."""
     if len(inputs) != len(specs):
         raise ValueError(f"expected {len(specs)} input(s), got {len(inputs)}; the model's signature is {signature}")
-    for i, (spec, t) in enumerate(zip(specs, inputs)):
+    for i, (spec, value) in enumerate(zip(specs, inputs)):
+        if isinstance(spec, TensorSpec) and (_is_tensor(value) or _values._is_array(value)):
+            _check_dtype_and_shape(spec, value, f"input {i} ({spec.name!r})", signature)
+
+
+def _check_tensor(spec: TensorSpec, t: Any, where: str, signature: str) -> None:
+    kind = "torch.Tensor" if spec.array == "torch" else "numpy.ndarray"
+    if not (_is_tensor(t) if spec.array == "torch" else _values._is_array(t) or type(t).__name__ == "ndarray"):
+        raise ValueError(f"{where} must be a {kind}, not {type(t).__name__}; expected {spec.describe()}")
+    _check_dtype_and_shape(spec, t, where, signature)
+
+
+def _check_dtype_and_shape(spec: TensorSpec, t: Any, where: str, signature: str) -> None:
+    if dtype_name(t.dtype) != spec.dtype:
+        raise ValueError(f"{where} has dtype {dtype_name(t.dtype)}, expected {spec.describe()} in {signature}")
+    if len(t.shape) != spec.rank:
+        raise ValueError(f"{where} has rank {len(t.shape)} (shape {list(t.shape)}), expected {spec.describe()}")
+    for d, (want, got) in enumerate(zip(spec.shape, t.shape)):
+        if want is not None and want != got:
+            raise ValueError(f"{where} has size {got} in dim {d} (shape {list(t.shape)}), expected {spec.describe()}")
+
+
+def prepare_inputs(model: Any, specs: Sequence[Spec], inputs: Sequence[Any], signature: str) -> list[Any]:
+    """`inputs` checked against `specs` and converted for the call, inside the interpreter that runs it.
+
+    A tensor input may come as a tensor (checked), a numpy array (seen as a tensor, no copy) or nested
+    lists (converted to the spec's dtype); a value input is validated by its type hint through pydantic
+    (which may convert it, e.g. a dict into a pydantic model) or against its inferred schema. A value
+    that does not fit raises ValueError naming the input and what was expected.
+    """
+    if len(inputs) != len(specs):
+        raise ValueError(f"expected {len(specs)} input(s), got {len(inputs)}; the model's signature is {signature}")
+    hinted = None
+    out = []
+    for i, (spec, value) in enumerate(zip(specs, inputs)):
         where = f"input {i} ({spec.name!r})"
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{where} must be a torch.Tensor, not {type(t).__name__}; expected {spec.describe()}")
-        if dtype_name(t.dtype) != spec.dtype:
-            raise ValueError(f"{where} has dtype {dtype_name(t.dtype)}, expected {spec.describe()} in {signature}")
-        if t.dim() != spec.rank:
-            raise ValueError(f"{where} has rank {t.dim()} (shape {list(t.shape)}), expected {spec.describe()}")
-        for d, (want, got) in enumerate(zip(spec.shape, t.shape)):
-            if want is not None and want != got:
-                raise ValueError(
-                    f"{where} has size {got} in dim {d} (shape {list(t.shape)}), expected {spec.describe()}"
-                )
+        if isinstance(spec, TensorSpec):
+            value = _as_array(spec, value, where)
+            _check_tensor(spec, value, where, signature)
+        elif spec.hinted:
+            hinted = hints(model) if hinted is None else hinted
+            value = _validate_hinted(hinted.get(spec.name), spec, value, where)
+        else:
+            _values.validate(spec.json_schema, value, where, spec.type)
+        out.append(value)
+    return out
+
+
+def _validate_hinted(hint: Any, spec: ValueSpec, value: Any, where: str) -> Any:
+    if hint is None:  # the hint no longer resolves where the model runs: check the recorded schema
+        _values.validate(spec.json_schema, value, where, spec.type)
+        return value
+    from pydantic import ValidationError
+
+    try:
+        return _adapter(hint).validate_python(value)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'at ' + ''.join(f'[{p!r}]' for p in e['loc']) + ': ' if e['loc'] else ''}{e['msg']}"
+            for e in exc.errors(include_url=False)[:3]
+        )
+        raise ValueError(f"{where} must be {spec.type}; {problems}") from None
+
+
+def _as_array(spec: TensorSpec, value: Any, where: str) -> Any:
+    """A tensor input as the array type the model takes: numpy arrays and nested lists converted."""
+    if spec.array == "torch" and _is_tensor(value):
+        return value
+    import numpy as np
+
+    if isinstance(value, (list, tuple, int, float, bool)):
+        value = _arrays.from_nested(value, spec, where)
+    if spec.array == "numpy" or not isinstance(value, np.ndarray):
+        return value
+    import torch
+
+    if not value.flags.writeable:  # a shared, read-only view: the model must not write into it
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(value)
+    return torch.from_numpy(value)

@@ -22,6 +22,7 @@ from typing import Any, Union
 
 from pydantic import ValidationError
 
+from . import _dependencies
 from .errors import (
     DigestMismatch,
     EntryPointMissing,
@@ -30,6 +31,8 @@ from .errors import (
     ManifestMissing,
     NotAnArchive,
     PinMismatch,
+    RequirementMismatch,
+    RequirementWarning,
     SharedWeightWrite,
     TorchVersionWarning,
 )
@@ -291,6 +294,30 @@ class Archive:
                 "here; install them, or package the model with them interned",
             )
 
+    def check_requirements(self, *, strict: bool = False) -> None:
+        """ExternMissing if a distribution the archive requires is not installed here; a RequirementWarning
+        (a RequirementMismatch with `strict`) if one has another version than at packaging."""
+        missing, changed = [], []
+        for text in self.manifest.requirements:
+            req = _dependencies.Requirement.parse(text)
+            here = _dependencies.installed_version(req.distribution)
+            if here is None:
+                missing.append(str(req))
+            elif here != req.version and req.distribution.lower() != "torch":  # torch: check_torch_version
+                changed.append(f"{req.distribution} {here} is installed, {req.version} was packaged with")
+        if missing:
+            raise ExternMissing(
+                self.label,
+                f"needs {', '.join(missing)}, not installed here; install {'it' if len(missing) == 1 else 'them'}"
+                f" (pip install {' '.join(repr(m) for m in missing)}) where the model is loaded",
+            )
+        if changed:
+            message = (f"{'; '.join(changed)}. Outputs may differ: install the packaged versions, or package the "
+                       "model again with these")
+            if strict:
+                raise RequirementMismatch(self.label, message)
+            warnings.warn(RequirementWarning(f"{self.label}: {message}"), stacklevel=3)
+
     def check_torch_version(self) -> None:
         """A TorchVersionWarning if the archive was packaged with another torch major.minor than this one."""
         packaged, here = self.manifest.torch_version, _torch_version()
@@ -314,12 +341,14 @@ class Archive:
                 "are shared by every interpreter and read-only: load it with copy_weights=True",
             )
 
-    def check_loadable(self, *, sha256: str | None = None, copy_weights: bool = False) -> Manifest:
-        """The checks made before every load: pin, manifest, torch version, weight writes, entry point and
-        externs. Returns the manifest."""
+    def check_loadable(self, *, sha256: str | None = None, copy_weights: bool = False,
+                       strict_requirements: bool = False) -> Manifest:
+        """The checks made before every load: pin, manifest, torch version, requirements, weight writes, entry
+        point and externs. Returns the manifest."""
         self.check_pin(sha256)
         manifest = self.manifest
         self.check_torch_version()
+        self.check_requirements(strict=strict_requirements)
         self.check_shared_writes(copy_weights)
         self.check_entry(manifest.entry)
         self.check_externs()
@@ -331,6 +360,7 @@ class Archive:
         self.check_digests()
         manifest = self.manifest
         self.check_entry(manifest.entry)
+        self.check_requirements()
         self.check_externs()
         self.check_torch_version()
         return manifest

@@ -38,7 +38,13 @@ class PinMismatch(PackageError):
 
 
 class ExternMissing(PackageError):
-    """A module the archive expects from the environment (extern) cannot be imported here."""
+    """A module the archive expects from the environment (extern) cannot be imported here, or a distribution
+    it requires is not installed."""
+
+
+class RequirementMismatch(PackageError):
+    """An installed distribution the archive needs has another version than the one it was packaged with
+    (raised with `strict_requirements=True`; a RequirementWarning otherwise)."""
 
 
 class EntryPointMissing(PackageError):
@@ -55,6 +61,10 @@ class PackagingFailed(PackageError):
 
 class SharedWeightWrite(PackageError):
     """The model wrote into a shared, read-only weight during inference."""
+
+
+class RequirementWarning(UserWarning):
+    """An installed distribution the archive needs has another version than the one it was packaged with."""
 
 
 class TorchVersionWarning(UserWarning):

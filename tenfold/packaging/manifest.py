@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
 
 MANIFEST_RECORD = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class TensorSpec(BaseModel):
@@ -17,9 +17,11 @@ class TensorSpec(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    name: str = Field(description="parameter name of forward() for inputs; output_<i> or the dict key for outputs")
+    kind: Literal["tensor"] = "tensor"
+    name: str = Field(description="parameter name for inputs; output_<i> or the dict key for outputs")
     dtype: str = Field(description='torch dtype without the "torch." prefix, e.g. "float32", "int64"')
     shape: list[int | None] = Field(description="size of each dimension; None where any size is accepted")
+    array: Literal["torch", "numpy"] = Field("torch", description="the array type the model takes or returns")
 
     @property
     def rank(self) -> int:
@@ -29,6 +31,27 @@ class TensorSpec(BaseModel):
         """'tokens: int64[?, 16]'"""
         dims = ", ".join("?" if d is None else str(d) for d in self.shape)
         return f"{self.name}: {self.dtype}[{dims}]"
+
+
+class ValueSpec(BaseModel):
+    """One input or output that is a Python value (str, numbers, lists, dicts, bytes, pydantic models...),
+    described by a JSON Schema: from the callable's type hints where it has them, else from the example."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: Literal["value"] = "value"
+    name: str = Field(description="parameter name for inputs; 'output' for the output")
+    type: str = Field(description="the Python type, as written in the hint or inferred, e.g. 'list[str]'")
+    json_schema: dict[str, Any] = Field(description="JSON Schema (2020-12) of the value as JSON")
+    hinted: bool = Field(description="True if taken from a type hint (then the hint validates it), else inferred")
+
+    def describe(self) -> str:
+        """'texts: list[str]'"""
+        return f"{self.name}: {self.type}"
+
+
+Spec = TensorSpec | ValueSpec
+Structure = Literal["tensor", "tuple", "list", "dict", "value"]
 
 
 class ReferenceCheck(BaseModel):
@@ -45,15 +68,19 @@ class Manifest(BaseModel):
     format_version: int = FORMAT_VERSION
     name: str = Field(description="model name")
     entry: str = Field(description='archive resource holding the pickled model, e.g. "model/model.pkl"')
-    inputs: list[TensorSpec] = Field(description="positional inputs of forward(), in order")
-    outputs: list[TensorSpec] = Field(description="output tensors, flattened in order")
-    output_structure: Literal["tensor", "tuple", "list", "dict"] = Field(
-        description="how the output tensors are arranged: one tensor, a tuple, a list or a dict"
+    inputs: list[Spec] = Field(description="positional inputs of the model's call, in order")
+    outputs: list[Spec] = Field(description="output tensors, flattened in order; or one value")
+    output_structure: Structure = Field(
+        description="how the outputs are arranged: one tensor, a tuple, a list or a dict of tensors, or any value"
     )
     torch_version: str
     python_version: str
     interned_modules: list[str] = Field(default_factory=list, description="modules whose source is in the archive")
     extern_modules: list[str] = Field(default_factory=list, description="modules the loading side must provide")
+    requirements: list[str] = Field(
+        default_factory=list,
+        description="installed distributions the extern modules came from, as NAME==VERSION at packaging",
+    )
     mocked_modules: list[str] = Field(default_factory=list)
     weight_bytes: NonNegativeInt = Field(description="bytes of tensor storage in the archive (the model's weights)")
     tensor_count: NonNegativeInt = Field(description="number of tensor storages in the archive")
@@ -66,9 +93,16 @@ class Manifest(BaseModel):
     record_sha256: dict[str, str] = Field(description="sha256 of every record of the archive but manifest.json")
     content_sha256: str = Field(description="sha256 of this manifest without this field (covers every record)")
 
+    @property
+    def takes_values(self) -> bool:
+        """True if any input or the output is a Python value rather than tensors."""
+        return self.output_structure == "value" or any(isinstance(s, ValueSpec) for s in self.inputs)
+
     def signature(self) -> str:
-        """'(tokens: int64[?, ?]) -> (output: float32[?, 12])'"""
+        """'(tokens: int64[?, ?]) -> (output: float32[?, 12])', or '(texts: list[str]) -> list[list[float]]'"""
         ins = ", ".join(s.describe() for s in self.inputs)
+        if self.output_structure == "value":
+            return f"({ins}) -> {self.outputs[0].type if isinstance(self.outputs[0], ValueSpec) else '?'}"
         outs = ", ".join(s.describe() for s in self.outputs)
         return f"({ins}) -> ({outs})"
 

@@ -19,18 +19,17 @@ Shared weights are read-only, enforced in three layers:
 
 from __future__ import annotations
 
+import inspect
 import io
 import sys
 import threading
 import warnings
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator, Mapping
+from typing import Any
 
-from . import _signature
+from . import _signature, _values
 from .archive import Archive, Source, _BufferFile, open_archive
 from .errors import PackageError, ReferenceMismatch
-
-if TYPE_CHECKING:
-    import torch
 
 _INFERENCE_WRITE = "Inplace update to inference tensor outside InferenceMode"
 SHARED_WRITE_HINT = (
@@ -52,17 +51,21 @@ def load(
     verify: bool = False,
     resource: str | None = None,
     copy_weights: bool = False,
-) -> torch.nn.Module:
-    """Load the model of an archive, in eval mode, with its weights as views into `source` (no copy).
+    strict_requirements: bool = False,
+) -> Any:
+    """Load the model of an archive (the object that was saved: a torch module or any callable), in eval
+    mode, with its weights as views into `source` (no copy).
 
     `source` is a path (memory-mapped read-only) or a bytes-like buffer (used in place: keep it alive and
     unchanged while the model lives). `sha256` pins the archive's bytes. `verify=True` also checks every
     record against the manifest's digests and re-runs the model on the stored example inputs.
     `resource` loads a plain torch.package archive (no manifest) from that pickle, e.g. "model/model.pkl".
-    `copy_weights=True` copies the weights into private, writable memory.
+    `copy_weights=True` copies the weights into private, writable memory. A distribution the archive
+    requires that is missing raises ExternMissing; one of another version warns (RequirementWarning), or
+    raises RequirementMismatch with `strict_requirements=True`.
     """
     return load_archive(open_archive(source), sha256=sha256, verify=verify, resource=resource,
-                        copy_weights=copy_weights)
+                        copy_weights=copy_weights, strict_requirements=strict_requirements)
 
 
 def load_archive(
@@ -72,7 +75,8 @@ def load_archive(
     verify: bool = False,
     resource: str | None = None,
     copy_weights: bool = False,
-) -> torch.nn.Module:
+    strict_requirements: bool = False,
+) -> Any:
     """`load` for an archive already opened."""
     if resource is not None and not archive.has_manifest:  # a plain torch.package archive
         archive.check_pin(sha256)
@@ -82,7 +86,8 @@ def load_archive(
     if verify:
         archive.check_pin(sha256)
         archive.check_digests()
-    manifest = archive.check_loadable(sha256=None if verify else sha256, copy_weights=copy_weights)
+    manifest = archive.check_loadable(sha256=None if verify else sha256, copy_weights=copy_weights,
+                                      strict_requirements=strict_requirements)
     entry = resource if resource is not None else manifest.entry
     archive.check_entry(entry)
     model = _unpickle(archive, entry, copy_weights)
@@ -99,7 +104,7 @@ def read_example_inputs(source: Source) -> tuple[Any, ...]:
     ref = archive.manifest.reference
     if ref is None:
         raise PackageError(archive.label, "the archive holds no example inputs (no reference run was recorded)")
-    return tuple(torch.load(io.BytesIO(archive.read(ref.resource)), weights_only=True)["inputs"])
+    return tuple(torch.load(io.BytesIO(archive.read(ref.resource)), weights_only=False)["inputs"])
 
 
 def check_reference(archive: Archive, model: Any) -> None:
@@ -107,25 +112,60 @@ def check_reference(archive: Archive, model: Any) -> None:
     then (within the manifest's tolerances)."""
     import torch
 
-    ref = archive.manifest.reference
+    manifest = archive.manifest
+    ref = manifest.reference
     if ref is None:
         return
-    stored = torch.load(io.BytesIO(archive.read(ref.resource)), weights_only=True)
+    stored = torch.load(io.BytesIO(archive.read(ref.resource)), weights_only=False)
+    signature = manifest.signature()
     with torch.no_grad():
-        output = model(*stored["inputs"])
+        output = model(*_signature.prepare_inputs(model, manifest.inputs, stored["inputs"], signature))
     _, got = _signature.flatten_output(output)
     _, want = _signature.flatten_output(stored["output"])
     if len(got) != len(want):
         raise ReferenceMismatch(archive.label, f"the model returned {len(got)} outputs, {len(want)} were recorded")
     for (name, g), (_, w) in zip(got, want):
-        if g.shape != w.shape or g.dtype != w.dtype or not torch.allclose(g, w, rtol=ref.rtol, atol=ref.atol):
-            diff = (g.double() - w.double()).abs().max().item() if g.shape == w.shape else "n/a"
+        problem = _difference(g, w, ref.rtol, ref.atol)
+        if problem:
             raise ReferenceMismatch(
                 archive.label,
                 f"output {name!r} on the stored example inputs differs from the one recorded at packaging "
-                f"(shape {list(g.shape)} vs {list(w.shape)}, max abs diff {diff}); the code or the environment "
-                "changed how the model computes: check the torch version, or package the model again",
+                f"({problem}); the code or the environment changed how the model computes: check the torch "
+                "version and the requirements, or package the model again",
             )
+
+
+def _difference(got: Any, want: Any, rtol: float, atol: float) -> str | None:
+    """What differs between an output and the recorded one, or None if they agree within tolerance."""
+    import torch
+
+    if isinstance(want, torch.Tensor):
+        if not isinstance(got, torch.Tensor):
+            return f"a {type(got).__name__} where a tensor was recorded"
+        if got.shape != want.shape or got.dtype != want.dtype:
+            return f"shape {list(got.shape)} {got.dtype} vs {list(want.shape)} {want.dtype}"
+        if not torch.allclose(got, want, rtol=rtol, atol=atol):
+            return f"max abs diff {(got.double() - want.double()).abs().max().item()}"
+        return None
+    return _json_difference(_values.to_json(got), _values.to_json(want), rtol, atol, "")
+
+
+def _json_difference(got: Any, want: Any, rtol: float, atol: float, at: str) -> str | None:
+    if isinstance(want, float) and isinstance(got, (int, float)) and not isinstance(got, bool):
+        return None if abs(got - want) <= atol + rtol * abs(want) else f"{at or 'value'}: {got} vs {want}"
+    if isinstance(want, list) and isinstance(got, list) and len(got) == len(want):
+        for i, (g, w) in enumerate(zip(got, want)):
+            problem = _json_difference(g, w, rtol, atol, f"{at}[{i}]")
+            if problem:
+                return problem
+        return None
+    if isinstance(want, dict) and isinstance(got, dict) and got.keys() == want.keys():
+        for k in want:
+            problem = _json_difference(got[k], want[k], rtol, atol, f"{at}[{k!r}]")
+            if problem:
+                return problem
+        return None
+    return None if got == want else f"{at or 'value'}: {str(got)[:80]} vs {str(want)[:80]}"
 
 
 # -- unpickling with weights in place --------------------------------------------------------------
@@ -185,17 +225,47 @@ def _unpickle(archive: Archive, entry: str, copy_weights: bool) -> Any:
     with torch.inference_mode(not copy_weights), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
         model = importer.load_pickle(package.replace("/", "."), name)
-        if not isinstance(model, torch.nn.Module):
-            raise PackageError(
-                archive.label, f"the entry point {entry!r} holds a {type(model).__name__}, not a torch.nn.Module"
-            )
-        for p in model.parameters():
-            p.requires_grad_(False)
-    model.eval()
-    if not copy_weights:
-        model.register_forward_pre_hook(_guard_enter)
-        model.register_forward_hook(_guard_exit, always_call=True)
+        if not callable(model):
+            raise PackageError(archive.label, f"the entry point {entry!r} holds a {type(model).__name__}, which "
+                                              "cannot be called")
+        modules = [m for _, m in modules_of(model)]
+        for module in modules:
+            for p in module.parameters():
+                p.requires_grad_(False)
+    for module in modules:
+        module.eval()
+        if not copy_weights:
+            module.register_forward_pre_hook(_guard_enter)
+            module.register_forward_hook(_guard_exit, always_call=True)
     return model
+
+
+def modules_of(model: Any, depth: int = 3) -> Iterator[tuple[str, Any]]:
+    """(attribute path, torch.nn.Module) of the model itself, or of the modules it holds (in attributes,
+    lists and dicts, `depth` levels down)."""
+    import torch
+
+    seen: set[int] = set()
+
+    def walk(obj: Any, prefix: str, level: int) -> Iterator[tuple[str, Any]]:
+        if id(obj) in seen or level > depth:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, torch.nn.Module):
+            yield prefix, obj
+            return
+        if isinstance(obj, Mapping):
+            items: Any = obj.items()
+        elif isinstance(obj, (list, tuple)):
+            items = enumerate(obj)
+        elif hasattr(obj, "__dict__") and not inspect.isclass(obj) and not inspect.ismodule(obj):
+            items = vars(obj).items()
+        else:
+            return
+        for key, value in items:
+            yield from walk(value, f"{prefix}.{key}" if prefix else str(key), level + 1)
+
+    yield from walk(model, "", 0)
 
 
 _guard = threading.local()

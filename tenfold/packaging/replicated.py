@@ -27,8 +27,18 @@ if TYPE_CHECKING:
 _host_buffers: dict[str, Any] = {}
 _host_lock = threading.Lock()
 
-# Interpreter side: the models loaded into this interpreter (with their archive's label), by model id.
-_models: dict[str, tuple[Any, str]] = {}
+# Interpreter side: the models loaded into this interpreter, by model id.
+_models: dict[str, _Loaded] = {}
+
+
+class _Loaded:
+    """A model as loaded in one interpreter, with what checking its inputs there needs."""
+
+    __slots__ = ("model", "label", "inputs", "signature")
+
+    def __init__(self, model: Any, label: str, manifest: Manifest) -> None:
+        self.model, self.label = model, label
+        self.inputs, self.signature = list(manifest.inputs), manifest.signature()
 
 
 class ReplicatedModel:
@@ -46,13 +56,19 @@ class ReplicatedModel:
         self._signature = manifest.signature()
 
     def check_inputs(self, inputs: tuple[Any, ...] | list[Any]) -> None:
-        """Raise ValueError naming the first input that does not match the manifest's signature."""
+        """Raise ValueError naming the first input that surely does not match the manifest's signature (count,
+        and tensors' dtype and shape); the rest is checked where the model runs."""
         _signature.check_inputs(self.manifest.inputs, inputs, self._signature)
 
     def submit(self, *inputs: Any) -> Future:
-        """Check `inputs`, then run the model on them in the next free interpreter."""
+        """Run the model on `inputs` in the next free interpreter; a Future of its result.
+
+        The inputs are the model's positional arguments as Python values: tensors, numpy arrays or nested
+        lists for tensor inputs, any value for the others. They are checked against the signature (here
+        what can be, the rest in the interpreter, before the model runs): one that does not fit fails the
+        Future with a ValueError naming it."""
         self.check_inputs(inputs)
-        return self._submit(_apply, (_call, inputs))
+        return self._submit(_run, inputs)
 
     def apply(self, fn: Callable[..., Any], /, *args: Any) -> Future:
         """Run `fn(model, *args)` in the next free interpreter, with the model as loaded there (under
@@ -139,25 +155,32 @@ class ReplicatedModel:
 
 
 def replicate(
-    pool: InterpreterPool, source: Source, *, sha256: str | None = None, copy_weights: bool = False
+    pool: InterpreterPool,
+    source: Source,
+    *,
+    sha256: str | None = None,
+    copy_weights: bool = False,
+    strict_requirements: bool = False,
 ) -> ReplicatedModel:
     """Load the archive at `source` (a path or a bytes-like buffer) into every interpreter of `pool`.
 
     The archive is validated in the host first (zip, manifest, `sha256` pin); then every interpreter
     loads it from the same buffer, with its weights as views into that buffer: one copy of the weights
     per process, however many interpreters serve it. `copy_weights=True` gives every interpreter a
-    private copy instead (for models that write into their weights).
+    private copy instead (for models that write into their weights). The archive's requirements are
+    checked as by `load` (`strict_requirements` turns a version difference into an error).
     """
     import pickle
 
     view, label = open_source(source)
     archive = Archive(view, label)
-    manifest = archive.check_loadable(sha256=sha256, copy_weights=copy_weights)
+    manifest = archive.check_loadable(sha256=sha256, copy_weights=copy_weights,
+                                      strict_requirements=strict_requirements)
     model_id = uuid.uuid4().hex
     with _host_lock:
         _host_buffers[model_id] = view
     try:
-        pool.broadcast(_load, model_id, pickle.PickleBuffer(view), label, copy_weights)
+        pool.broadcast(_load, model_id, pickle.PickleBuffer(view), label, copy_weights, strict_requirements)
     except BaseException:
         try:
             pool.broadcast(_drop, model_id)
@@ -171,31 +194,42 @@ def replicate(
 # -- run inside each interpreter -------------------------------------------------------------------
 
 
-def _load(model_id: str, buffer: Any, label: str, copy_weights: bool) -> bool:
+def _load(model_id: str, buffer: Any, label: str, copy_weights: bool, strict_requirements: bool) -> bool:
     archive = Archive(open_source(buffer)[0], label)
-    _models[model_id] = (load_archive(archive, copy_weights=copy_weights), label)
+    model = load_archive(archive, copy_weights=copy_weights, strict_requirements=strict_requirements)
+    _models[model_id] = _Loaded(model, label, archive.manifest)
     return True
+
+
+def _run(model_id: str, inputs: tuple[Any, ...]) -> Any:
+    loaded = _loaded(model_id)
+    return _apply(model_id, (_call, tuple(_signature.prepare_inputs(loaded.model, loaded.inputs, inputs,
+                                                                     loaded.signature))))
 
 
 def _call(model: Any, *inputs: Any) -> Any:
     return model(*inputs)
 
 
-def _apply(model_id: str, call: tuple[Callable[..., Any], tuple[Any, ...]]) -> Any:
-    import torch
-
+def _loaded(model_id: str) -> _Loaded:
     loaded = _models.get(model_id)
     if loaded is None:
         raise RuntimeError(f"model {model_id} is not loaded in this interpreter (closed?)")
-    model, label = loaded
+    return loaded
+
+
+def _apply(model_id: str, call: tuple[Callable[..., Any], tuple[Any, ...]]) -> Any:
+    import torch
+
+    loaded = _loaded(model_id)
     fn, args = call
     try:
         with torch.no_grad():
-            return fn(model, *args)
+            return fn(loaded.model, *args)
     except RuntimeError as exc:
         if is_shared_write(exc):
             raise SharedWeightWrite(
-                label,
+                loaded.label,
                 "the model wrote into one of its weights during inference; weights are shared by every "
                 "interpreter and read-only. Fix the model, or load it with copy_weights=True",
             ) from None

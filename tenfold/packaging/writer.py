@@ -1,7 +1,14 @@
-"""Writing archives: a torch.package of the model's code and weights, plus manifest.json."""
+"""Writing archives: a torch.package of the model's code and data, plus manifest.json.
+
+The model is any callable: a torch.nn.Module, an object with __call__ (a class holding modules, a
+tokenizer, a corpus...), or a factory (a function or class called with no arguments) of one. Only the
+user's own code is interned; the standard library and installed distributions are extern, and the
+manifest records those distributions' versions as requirements.
+"""
 
 from __future__ import annotations
 
+import inspect
 import io
 import os
 import platform
@@ -9,15 +16,13 @@ import warnings
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from . import _signature
+from . import _dependencies, _signature, _values
 from .archive import Archive, open_archive, open_source
 from .errors import PackagingFailed
 from .manifest import MANIFEST_RECORD, Manifest, ReferenceCheck, content_digest
-
-if TYPE_CHECKING:
-    import torch
+from .reader import modules_of
 
 ENTRY_PACKAGE, ENTRY_RESOURCE = "model", "model.pkl"
 REFERENCE_PACKAGE, REFERENCE_RESOURCE = "tenfold", "reference.pt"
@@ -27,7 +32,7 @@ Progress = Callable[[int], Any]
 
 
 def save(
-    model_or_factory: torch.nn.Module | Callable[[], torch.nn.Module],
+    model_or_factory: Any,
     path: str | os.PathLike[str],
     *,
     example_inputs: Any,
@@ -38,23 +43,24 @@ def save(
     dynamic: Mapping[str, Sequence[int]] | None = None,
     progress: Progress | None = None,
 ) -> Manifest:
-    """Package a model (or a zero-argument factory of one) as a torch.package archive at `path`.
+    """Package a model as a torch.package archive at `path` and return its manifest.
 
-    The model's own modules are interned (their source goes into the archive); `intern`, `extern` and
-    `mock` add torch.package patterns (the caller's extern and mock take precedence). The model is put
-    in eval mode and run once on `example_inputs` (a tensor or a tuple of tensors): the input and output
-    signatures, a reference output, and any weight that run changed are recorded in the manifest.
-    `dynamic` maps input names to the dimensions that may vary (default: dimension 0, the batch).
-    `progress` is called with byte counts as weights are written and hashed.
+    `model_or_factory` is a torch.nn.Module, any other object with __call__, or a factory: a function or a
+    class, called with no arguments to make the model. `example_inputs` is the tuple of positional arguments
+    of one call (a single tensor is taken as a one-tuple); each may be a tensor, a numpy array, bytes or a
+    JSON value (str, int, float, bool, None, list, dict). The model runs once on them: the signature (from
+    the examples and the call's type hints), a reference output, and any weight the run changed are
+    recorded in the manifest. `dynamic` maps tensor inputs to the dimensions that may vary (default:
+    dimension 0, the batch).
+
+    Dependencies: the model's own modules are interned (their source goes into the archive); the standard
+    library and every installed distribution are extern (taken from the serving environment, whose
+    versions the manifest records as requirements). `intern`, `extern` and `mock` are torch.package
+    patterns that take precedence. `progress` is called with byte counts as weights are written and hashed.
     The archive is written next to `path` and moved there only once complete.
     """
-    import torch
-
-    model = model_or_factory if isinstance(model_or_factory, torch.nn.Module) else model_or_factory()
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"the factory returned {type(model).__name__}, not a torch.nn.Module")
-    return _save(model, path, example_inputs=example_inputs, name=name, intern=intern, extern=extern, mock=mock,
-                 dynamic=dynamic, progress=progress, importer=None)
+    return _save(_model_of(model_or_factory), path, example_inputs=example_inputs, name=name, intern=intern,
+                 extern=extern, mock=mock, dynamic=dynamic, progress=progress, importer=None)
 
 
 def repackage(
@@ -69,7 +75,6 @@ def repackage(
 ) -> Manifest:
     """Add a manifest to a plain torch.package archive: load `resource` from it and save it again with
     tenfold, keeping its code (interned modules stay interned, externs stay extern)."""
-    import torch
     from torch.package import PackageImporter, sys_importer
 
     archive = open_archive(source)
@@ -77,42 +82,47 @@ def repackage(
     importer = PackageImporter(os.fspath(source))
     package, _, res = resource.rpartition("/")
     model = importer.load_pickle(package.replace("/", "."), res)
-    if not isinstance(model, torch.nn.Module):
-        raise PackagingFailed(archive.label, f"{resource!r} holds a {type(model).__name__}, not a torch.nn.Module")
+    if not callable(model):
+        raise PackagingFailed(archive.label, f"{resource!r} holds a {type(model).__name__}, which cannot be called")
     return _save(model, path, example_inputs=example_inputs, name=name or Path(source).stem, intern=archive.modules(),
                  extern=list(importer.extern_modules), mock=(), dynamic=dynamic, progress=progress,
                  importer=(importer, sys_importer))
 
 
-def _default_interns(model: Any, label: str) -> list[str]:
-    tops = set()
-    for m in model.modules():
-        module = type(m).__module__
-        if module == "__main__":
-            raise PackagingFailed(
-                label,
-                f"{type(m).__qualname__} is defined in __main__, whose code cannot be packaged; "
-                "move the model to an importable module",
-            )
-        top = module.split(".")[0]
-        if top != "torch" and not top.startswith("<torch_package_"):
-            tops.add(top)
-    return [p for top in sorted(tops) for p in (top, f"{top}.**")]
+def _model_of(obj: Any) -> Any:
+    """The model itself: `obj`, or what the factory `obj` makes."""
+    import torch
+
+    if isinstance(obj, torch.nn.Module):
+        return obj
+    if inspect.isclass(obj) or inspect.isfunction(obj):
+        model = obj()
+        if not callable(model):
+            raise TypeError(f"the factory {obj.__qualname__} returned a {type(model).__name__}, which cannot be "
+                            "called; return the model (an object with __call__ or a torch.nn.Module)")
+        return model
+    if callable(obj):
+        return obj
+    raise TypeError(f"save takes a model (a torch.nn.Module or an object with __call__) or a factory of one (a "
+                    f"function or class called with no arguments), not a {type(obj).__name__}")
 
 
 def _as_inputs(example_inputs: Any) -> tuple[Any, ...]:
-    import torch
-
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    for i, t in enumerate(inputs):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"example_inputs must be a tensor or a tuple of tensors; input {i} is a {type(t).__name__}")
-    return inputs
+    if _signature._is_tensor(example_inputs):
+        return (example_inputs,)
+    if not isinstance(example_inputs, (tuple, list)):
+        raise TypeError("example_inputs must be the tuple of the call's positional arguments (or one tensor), "
+                        f"not a {type(example_inputs).__name__}; write ({example_inputs!r},) for one argument")
+    return tuple(example_inputs)
 
 
 def _tensors(model: Any) -> dict[str, Any]:
-    named = dict(model.named_parameters(remove_duplicate=False))
-    named.update(model.named_buffers(remove_duplicate=False))
+    """Every parameter and buffer the model holds, by name."""
+    named: dict[str, Any] = {}
+    for prefix, module in modules_of(model):
+        dot = f"{prefix}." if prefix else ""
+        named.update({dot + n: t for n, t in module.named_parameters(remove_duplicate=False)})
+        named.update({dot + n: t for n, t in module.named_buffers(remove_duplicate=False)})
     return named
 
 
@@ -123,16 +133,33 @@ def _raw(t: Any) -> Any:
     return t.detach().contiguous().reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
 
 
-def _clone(obj: Any) -> Any:
+def _storable(obj: Any) -> Any:
+    """A copy of an example input or output fit to be stored in the archive and read back anywhere: tensors
+    and arrays copied, plain values kept, anything else (pydantic models...) as its JSON form."""
+    import numpy as np
     import torch
 
     if isinstance(obj, torch.Tensor):
         return obj.detach().clone().contiguous()
+    if isinstance(obj, np.ndarray):
+        return obj.copy()
+    if obj is None or isinstance(obj, (bool, int, float, str, bytes)):
+        return obj
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_clone(o) for o in obj)
+        return type(obj)(_storable(o) for o in obj)
     if isinstance(obj, Mapping):
-        return {k: _clone(v) for k, v in obj.items()}
-    return obj
+        return {k: _storable(v) for k, v in obj.items()}
+    return _values.to_json(obj)
+
+
+def _check_main(model: Any, label: str) -> None:
+    for _, module in [("", model), *modules_of(model)]:
+        if type(module).__module__ == "__main__":
+            raise PackagingFailed(
+                label,
+                f"{type(module).__qualname__} is defined in __main__, whose code cannot be packaged; "
+                "move the model to an importable module",
+            )
 
 
 def _save(
@@ -153,15 +180,21 @@ def _save(
     from torch.package.package_exporter import PackagingError
 
     label = os.fspath(path)
+    _check_main(model, label)
     inputs = _as_inputs(example_inputs)
-    names = _signature.input_names(model, len(inputs))
-    specs = _signature.input_specs(names, inputs, dynamic)
-    model.eval()
+    try:
+        specs = _signature.input_specs(model, inputs, dynamic)
+        signature = "(" + ", ".join(s.describe() for s in specs) + ")"
+        call_inputs = _signature.prepare_inputs(model, specs, inputs, signature)
+    except (TypeError, ValueError) as exc:
+        raise PackagingFailed(label, f"example_inputs do not fit the model's call: {exc}") from None
+    for _, module in modules_of(model):
+        module.eval()
     state = _tensors(model)
     before = {n: _raw(t).clone() for n, t in state.items()}
     try:
         with torch.no_grad():
-            output = model(*inputs)
+            output = model(*call_inputs)
     except Exception as exc:
         raise PackagingFailed(label, f"the model failed on example_inputs ({type(exc).__name__}: {exc}); "
                                      "fix the model or the example inputs") from exc
@@ -175,12 +208,15 @@ def _save(
             stacklevel=3,
         )
     try:
-        structure, named = _signature.flatten_output(output)
-    except TypeError as exc:
-        raise PackagingFailed(label, str(exc)) from None
-    out_specs = _signature.output_specs(named, specs, inputs)
+        structure, out_specs = _signature.output_specs(model, output, specs, call_inputs)
+        stored_output = _storable(output)
+    except (TypeError, ValueError) as exc:
+        raise PackagingFailed(label, f"the model's output cannot be described: {exc}") from None
     reference = io.BytesIO()
-    torch.save({"inputs": _clone(inputs), "output": _clone(output)}, reference)
+    torch.save({"inputs": _storable(inputs), "output": stored_output}, reference)
+
+    seen: set[Any] = set()
+    user_extern, user_intern, user_mock = list(extern), list(intern), list(mock)
 
     class _Exporter(PackageExporter):
         def _persistent_id(self, obj: Any) -> Any:
@@ -190,7 +226,19 @@ def _save(
                 progress(obj.nbytes())
             return pid
 
-    seen: set[Any] = set()
+        def add_dependency(self, module_name: str, dependencies: bool = True) -> None:
+            # A module no pattern names is interned if it is the user's code, extern if it comes from the
+            # standard library or an installed distribution (decided once per top-level package).
+            node = self.dependency_graph.nodes.get(module_name, {}) if module_name in self.dependency_graph else {}
+            if not node.get("provided") and not any(p.matches(module_name) for p in self.patterns):
+                top = module_name.partition(".")[0]
+                where = _dependencies.origin(top)
+                if where == "user":
+                    self.intern([top, f"{top}.**"])
+                elif where in ("stdlib", "installed"):
+                    self.extern([top, f"{top}.**"])
+            super().add_dependency(module_name, dependencies)
+
     target = Path(label)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
@@ -198,27 +246,38 @@ def _save(
             warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
             kwargs = {} if importer is None else {"importer": importer}
             with _Exporter(str(tmp), **kwargs) as exporter:
-                # First match wins: the caller's extern and mock before the default interns.
-                if extern:
-                    exporter.extern(list(extern))
-                if mock:
-                    exporter.mock(list(mock))
-                interns = list(intern) + _default_interns(model, label)
-                if interns:
-                    exporter.intern(interns)
+                # First match wins: the caller's patterns before the automatic ones.
+                if user_extern:
+                    exporter.extern(user_extern)
+                if user_mock:
+                    exporter.mock(user_mock)
+                if user_intern:
+                    exporter.intern(user_intern)
                 exporter.save_pickle(ENTRY_PACKAGE, ENTRY_RESOURCE, model)
                 exporter.save_binary(REFERENCE_PACKAGE, REFERENCE_RESOURCE, reference.getvalue())
                 try:
                     exporter._validate_dependency_graph()
                 except PackagingError as exc:
-                    raise PackagingFailed(
-                        label, f"{exc}\nPass intern=, extern= or mock= patterns (tenfold package: see --help)"
-                    ) from None
+                    raise PackagingFailed(label, _packaging_problems(exc)) from None
                 interned = exporter.interned_modules()
                 externed = exporter.externed_modules()
                 mocked = exporter.mocked_modules()
-        manifest = _finish(tmp, label, model, name, specs, out_specs, structure, interned, externed, mocked, writes,
-                           progress)
+        manifest = _finish(tmp, label, {
+            "name": name or type(model).__name__,
+            "entry": f"{ENTRY_PACKAGE}/{ENTRY_RESOURCE}",
+            "inputs": specs,
+            "outputs": out_specs,
+            "output_structure": structure,
+            "torch_version": torch.__version__,
+            "python_version": platform.python_version(),
+            "interned_modules": sorted(interned),
+            "extern_modules": sorted(externed),
+            "requirements": [str(r) for r in _dependencies.requirements(externed)],
+            "mocked_modules": sorted(mocked),
+            "reference": ReferenceCheck(resource=f"{REFERENCE_PACKAGE}/{REFERENCE_RESOURCE}", rtol=REFERENCE_RTOL,
+                                        atol=REFERENCE_ATOL),
+            "writes_weights": writes,
+        }, progress)
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -226,12 +285,35 @@ def _save(
     return manifest
 
 
-def _finish(
-    tmp: Path, label: str, model: Any, name: str | None, specs: list, out_specs: list, structure: str,
-    interned: list[str], externed: list[str], mocked: list[str], writes: list[str], progress: Progress | None,
-) -> Manifest:
-    import torch
+def _packaging_problems(exc: Any) -> str:
+    """torch.package's errors, one line per module, each with the argument that fixes it."""
+    fixes = {
+        "NO_ACTION": "pass intern=['{m}'] to put its source in the archive, extern=['{m}'] to take it from the "
+                     "serving environment, or mock=['{m}'] if the model never calls it",
+        "IS_EXTENSION_MODULE": "pass extern=['{m}'] (a C extension cannot go into an archive; the serving "
+                               "environment must have it)",
+        "NO_DUNDER_FILE": "pass extern=['{m}'] or mock=['{m}'] (it has no source file to put in the archive)",
+        "SOURCE_FILE_NOT_FOUND": "pass extern=['{m}'] or mock=['{m}'] (its source file is missing)",
+        "DEPENDENCY_RESOLUTION_FAILED": "pass extern=['{m}'] or mock=['{m}'] (its imports could not be followed)",
+        "DENIED": "remove it from the denied patterns",
+        "MOCKED_BUT_STILL_USED": "pass intern=['{m}'] or extern=['{m}'] instead of mocking it (the model uses it)",
+    }
+    lines = []
+    graph = exc.dependency_graph
+    for module, attrs in sorted(graph.nodes.items()):
+        reason = attrs.get("error")
+        if reason is None:
+            continue
+        context = attrs.get("error_context")
+        detail = f"{reason.value}{f' ({context})' if context else ''}"
+        fix = fixes.get(reason.name, "pass extern=['{m}'] or mock=['{m}']").format(m=module)
+        lines.append(f"  module {module}: {detail}\n    fix: {fix}")
+    return ("the model's code could not be packaged:\n" + "\n".join(lines) +
+            "\n(with `tenfold package`: --intern, --extern and --mock take the same patterns)")
 
+
+def _finish(tmp: Path, label: str, fields: dict[str, Any], progress: Progress | None) -> Manifest:
+    """The archive at `tmp` completed: every record hashed into the manifest, which is appended last."""
     view, _ = open_source(tmp)
     archive = Archive(view, label)
     digests = {}
@@ -240,25 +322,13 @@ def _finish(
         digests[record] = archive.record_sha256(record)
         if progress is not None and record in storages:
             progress(archive.records[record].size)
-    manifest = Manifest(
-        name=name or type(model).__name__,
-        entry=f"{ENTRY_PACKAGE}/{ENTRY_RESOURCE}",
-        inputs=specs,
-        outputs=out_specs,
-        output_structure=structure,  # type: ignore[arg-type]  # one of the four, by flatten_output
-        torch_version=torch.__version__,
-        python_version=platform.python_version(),
-        interned_modules=sorted(interned),
-        extern_modules=sorted(externed),
-        mocked_modules=sorted(mocked),
-        weight_bytes=archive.weight_bytes(),
-        tensor_count=len(archive.storages()),
-        reference=ReferenceCheck(resource=f"{REFERENCE_PACKAGE}/{REFERENCE_RESOURCE}", rtol=REFERENCE_RTOL,
-                                 atol=REFERENCE_ATOL),
-        writes_weights=writes,
-        record_sha256=digests,
-        content_sha256="",
-    )
+    manifest = Manifest.model_validate({
+        **fields,
+        "weight_bytes": archive.weight_bytes(),
+        "tensor_count": len(storages),
+        "record_sha256": digests,
+        "content_sha256": "",
+    })
     manifest.content_sha256 = content_digest(manifest)
     prefix = archive.prefix
     del archive, view

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
 import pytest
 import requests
-from support import free_port, stop_with_ctrl_c, subprocess_env
+from support import free_port, run_python, stop_with_ctrl_c, subprocess_env
 
 pytestmark = pytest.mark.ray
 
@@ -32,11 +33,18 @@ def test_tenfold_serve_serves_an_archive_prints_how_to_call_it_and_stops_on_ctrl
         printed = log_path.read_text()
         assert proc.poll() is None, printed[-3000:]
         request_file = tmp_path / "probe.request.json"  # the body the printed curl command sends
-        assert f"-d @{request_file}" in printed and "serve.get_app_handle('probe')" in printed
-        r = requests.post(f"http://127.0.0.1:{port}/", data=request_file.read_bytes(),
-                          headers={"Content-Type": "application/json"}, timeout=30)
+        body = request_file.read_text()
+        assert f"-d '{body}'" in printed and "(x: float32[?, 4], k: int64[?])" in printed
+        r = requests.post(f"http://127.0.0.1:{port}/", data=body, headers={"Content-Type": "application/json"},
+                          timeout=30)
         assert r.status_code == 200, r.text
         assert [len(o) for o in r.json()["outputs"]] == [1, 1]  # the printed request is one valid row
+        prefix, snippet = printed.split("python - <<'PY'\n", 1)
+        snippet = snippet.split("\n  PY\n", 1)[0]
+        env = dict(kv.split("=", 1) for kv in prefix.rsplit("\n", 1)[-1].split())  # e.g. RAY_AUTH_MODE=token
+        handle = run_python(textwrap.dedent(snippet), env=subprocess_env(**env), timeout=120)
+        assert handle.returncode == 0, handle.stderr[-3000:]
+        assert handle.stdout.strip().startswith("(tensor(") and "tensor([0])" in handle.stdout  # (y, 2 * k)
     finally:
         code = stop_with_ctrl_c(proc, log)
     assert code == 0, log_path.read_text()[-3000:]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -22,10 +21,11 @@ from tenfold.integration.policy import (
     desired_replicas,
     utilization_policy,
 )
+from tenfold.packaging import TensorSpec
 
 SPECS = [
-    SimpleNamespace(name="x", dtype="float32", shape=[None, 4]),
-    SimpleNamespace(name="k", dtype="int64", shape=[None]),
+    TensorSpec(name="x", dtype="float32", shape=[None, 4]),
+    TensorSpec(name="k", dtype="int64", shape=[None]),
 ]
 
 # -- app arguments ---------------------------------------------------------------------------------
@@ -129,8 +129,8 @@ def test_policy_reads_serve_context_of_running_replicas_only() -> None:
 def test_json_inputs_are_converted_to_the_manifest_dtypes() -> None:
     x, k = codec.decode_json(b'{"inputs": [[[1, 2, 3, 4]], [5]]}', SPECS)
     assert x.dtype == np.float32 and x.shape == (1, 4) and k.dtype == np.int64 and k.tolist() == [5]
-    x, k = codec.decode_json(b'{"inputs": {"k": [], "x": []}}', [SPECS[1], SimpleNamespace(**{**vars(SPECS[0]),
-                                                                                            "shape": [None]})])
+    vector = SPECS[0].model_copy(update={"shape": [None]})
+    x, k = codec.decode_json(b'{"inputs": {"k": [], "x": []}}', [SPECS[1], vector])
     assert x.dtype == np.int64 and x.shape == (0,)
     assert json.loads(codec.encode_json([np.ones((1, 2), np.float32)])) == {"outputs": [[[1.0, 1.0]]]}
 
@@ -166,7 +166,7 @@ def test_bad_json_is_a_4xx_naming_the_problem(body: bytes, status: int, message:
 
 
 def test_integers_out_of_range_are_refused() -> None:
-    spec = [SimpleNamespace(name="b", dtype="int8", shape=[None])]
+    spec = [TensorSpec(name="b", dtype="int8", shape=[None])]
     assert codec.decode_json(b'{"inputs": [[1, -128]]}', spec)[0].dtype == np.int8
     with pytest.raises(codec.InvalidInput, match="out of range for int8"):
         codec.decode_json(b'{"inputs": [[1, 300]]}', spec)
@@ -199,7 +199,7 @@ def test_bad_arrow_is_a_4xx_naming_the_problem() -> None:
         codec.decode_arrow(_ipc(table), SPECS)
     table = pa.table({"x": pa.array([1.0, None]), "k": pa.array([1, 2])})
     with pytest.raises(codec.InvalidInput, match="null"):
-        codec.decode_arrow(_ipc(table), [SimpleNamespace(name="x", dtype="float32", shape=[None]),
+        codec.decode_arrow(_ipc(table), [TensorSpec(name="x", dtype="float32", shape=[None]),
                                                          SPECS[1]])
     bools = pa.ExtensionArray.from_storage(pa.fixed_shape_tensor(pa.bool_(), [4]),
                                            pa.FixedSizeListArray.from_arrays(pa.array([True] * 4), 4))

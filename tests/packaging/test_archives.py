@@ -84,22 +84,48 @@ def _reload_plain(path: Path) -> torch.nn.Module:
 
 
 def test_save_rejects_bad_example_inputs_and_failing_models(tmp_path: Path) -> None:
-    with pytest.raises(TypeError, match="input 0 is a list"):
+    with pytest.raises(tp.PackagingFailed, match="input 'x' is hinted Tensor, but its example is a list"):
         tp.save(small(), tmp_path / "a.pt", example_inputs=([1, 2],))
+    with pytest.raises(TypeError, match="tuple of the call's positional arguments"):
+        tp.save(small(), tmp_path / "a.pt", example_inputs=np.zeros(3))
     with pytest.raises(tp.PackagingFailed, match="failed on example_inputs") as e:
         tp.save(small(), tmp_path / "a.pt", example_inputs=(torch.randn(2, 5),))
     assert str(tmp_path / "a.pt") in str(e.value)
-    with pytest.raises(ValueError, match="unknown inputs"):
+    with pytest.raises(tp.PackagingFailed, match=r"dynamic names inputs that are not tensors or arrays \['nope'\]"):
         tp.save(small(), tmp_path / "a.pt", example_inputs=(X,), dynamic={"nope": [0]})
+    with pytest.raises(TypeError, match="not a int"):
+        tp.save(3, tmp_path / "a.pt", example_inputs=(X,))
     assert not list(tmp_path.iterdir()), "a failed save leaves no file behind"
 
 
-def test_save_reports_unresolved_dependencies(tmp_path: Path) -> None:
-    model = _module_with_numpy(tmp_path)
-    with pytest.raises(tp.PackagingFailed, match="numpy") as e:
-        tp.save(model, tmp_path / "a.pt", example_inputs=(X,))
-    assert "intern=, extern= or mock=" in str(e.value)
-    tp.save(model, tmp_path / "a.pt", example_inputs=(X,), extern=["numpy", "numpy.**"])
+def test_installed_dependencies_are_extern_and_recorded_as_requirements(tmp_path: Path) -> None:
+    m = tp.save(_module_with_numpy(tmp_path), tmp_path / "a.pt", example_inputs=(X,))
+    assert "numpy" in m.extern_modules and "_uses_numpy" in m.interned_modules
+    assert f"numpy=={np.__version__}" in m.requirements and f"torch=={torch.__version__.split('+')[0]}" in [
+        r.split("+")[0] for r in m.requirements]
+
+
+def test_save_names_the_module_it_cannot_package_and_the_argument_that_fixes_it(tmp_path: Path) -> None:
+    import types
+
+    made_up = types.ModuleType("tenfold_made_up")  # no file, no distribution: nothing tells where it comes from
+    exec("import torch\nclass Twice(torch.nn.Module):\n    def forward(self, x):\n        return 2 * x\n",
+         made_up.__dict__)
+    made_up.Twice.__module__ = "tenfold_made_up"
+    sys.modules["tenfold_made_up"] = made_up
+    try:
+        with pytest.raises(tp.PackagingFailed) as e:
+            tp.save(made_up.Twice(), tmp_path / "a.pt", example_inputs=(X,))
+        assert "module tenfold_made_up: Module did not match" in str(e.value)
+        assert "extern=['tenfold_made_up'] to take it from the serving environment" in str(e.value)
+        assert "--extern" in str(e.value)
+        with pytest.raises(tp.PackagingFailed) as e:
+            tp.save(made_up.Twice(), tmp_path / "a.pt", example_inputs=(X,), mock=["tenfold_made_up"])
+        assert "intern=['tenfold_made_up'] or extern=['tenfold_made_up'] instead of mocking it" in str(e.value)
+        m = tp.save(made_up.Twice(), tmp_path / "a.pt", example_inputs=(X,), extern=["tenfold_made_up"])
+        assert "tenfold_made_up" in m.extern_modules
+    finally:
+        del sys.modules["tenfold_made_up"]
 
 
 def _module_with_numpy(tmp_path: Path) -> torch.nn.Module:

@@ -91,7 +91,7 @@ def test_every_interpreter_views_the_one_host_buffer(pool: InterpreterPool, arch
         assert base <= ptr and ptr + nbytes <= base + size
 
 
-def test_inputs_are_checked_before_dispatch(pool: InterpreterPool, archive: Path) -> None:
+def test_inputs_are_checked_before_dispatch_where_they_can_be(pool: InterpreterPool, archive: Path) -> None:
     calls = sum(s.calls for s in pool.stats().interpreters)
     with tp.replicate(pool, archive) as model:
         loaded = sum(s.calls for s in pool.stats().interpreters)
@@ -101,7 +101,7 @@ def test_inputs_are_checked_before_dispatch(pool: InterpreterPool, archive: Path
             ((X[0],), "input 0 ('x') has rank 1"),
             ((X.double(),), "input 0 ('x') has dtype float64"),
             ((torch.randn(3, 9),), "size 9 in dim 1"),
-            (([1.0] * 8,), "must be a torch.Tensor"),
+            ((np.zeros((3, 9), np.float32),), "size 9 in dim 1"),
         ]
         for inputs, message in cases:
             with pytest.raises(ValueError, match=re.escape(message)) as e:
@@ -110,6 +110,18 @@ def test_inputs_are_checked_before_dispatch(pool: InterpreterPool, archive: Path
             with pytest.raises(ValueError):
                 model.check_inputs(inputs)
         assert sum(s.calls for s in pool.stats().interpreters) == loaded, "nothing was dispatched"
+
+
+def test_nested_lists_and_arrays_are_taken_for_tensor_inputs_in_the_interpreter(pool: InterpreterPool,
+                                                                                archive: Path) -> None:
+    with tp.replicate(pool, archive) as model:
+        torch.testing.assert_close(model(X.tolist()), small()(X))
+        torch.testing.assert_close(model(X.numpy()), small()(X))
+        with pytest.raises(ValueError, match=re.escape("input 0 ('x') has shape [8], expected x: float32[?, 8]")):
+            model([1.0] * 8)
+        with pytest.raises(ValueError, match="must be a rectangular array of numbers, got strings"):
+            model([["a"] * 8])
+        torch.testing.assert_close(model(X), small()(X))  # still serving
 
 
 def test_close_drops_the_model_everywhere(pool: InterpreterPool, archive: Path) -> None:

@@ -1,0 +1,132 @@
+"""The OpenAPI 3.1 document of a served model, built from its manifest: `POST /` with its request and
+response bodies and the error body, `GET /-/manifest` and `GET /-/stats`."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from tenfold.packaging import Manifest, Spec, TensorSpec, ValueSpec
+
+from . import codec
+
+_NUMBER: dict[str, dict[str, Any]] = {
+    "float": {"type": "number"},
+    "int": {"type": "integer"},
+    "uint": {"type": "integer", "minimum": 0},
+    "bool": {"type": "boolean"},
+}
+
+ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {
+        "type": "object",
+        "required": ["status", "type", "message"],
+        "properties": {
+            "status": {"type": "integer", "description": "the HTTP status"},
+            "type": {"type": "string", "description": "e.g. InvalidInput, MalformedRequest, ModelError, Timeout"},
+            "message": {"type": "string", "description": "what was wrong and what to do"},
+        },
+    }},
+}
+
+
+def tensor_schema(spec: TensorSpec) -> dict[str, Any]:
+    """Nested JSON arrays of numbers with the spec's rank (fixed sizes bounded)."""
+    kind = next((k for k in ("uint", "int", "float", "bool") if spec.dtype.startswith(k)), "float")
+    schema: dict[str, Any] = dict(_NUMBER[kind])
+    for size in reversed(spec.shape):
+        schema = {"type": "array", "items": schema}
+        if size is not None:
+            schema.update(minItems=size, maxItems=size)
+    schema["description"] = spec.describe()
+    return schema
+
+
+def _schema(spec: Spec, defs: dict[str, Any]) -> dict[str, Any]:
+    if isinstance(spec, TensorSpec):
+        return tensor_schema(spec)
+    schema = copy.deepcopy(spec.json_schema)
+    # pydantic puts referenced models under $defs of each schema: gathered into components, refs rewritten.
+    defs.update(schema.pop("$defs", {}))
+    return {**_rewrite_refs(schema), "description": spec.describe()}
+
+
+def _rewrite_refs(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: (v.replace("#/$defs/", "#/components/schemas/") if k == "$ref" and isinstance(v, str)
+                    else _rewrite_refs(v)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_rewrite_refs(v) for v in node]
+    return node
+
+
+def document(manifest: Manifest, *, title: str | None = None) -> dict[str, Any]:
+    """The OpenAPI 3.1 document for a deployment serving `manifest`'s model."""
+    defs: dict[str, Any] = {}
+    inputs = [_schema(s, defs) for s in manifest.inputs]
+    names = [s.name for s in manifest.inputs]
+    request = {
+        "type": "object",
+        "required": ["inputs"],
+        "additionalProperties": False,
+        "properties": {"inputs": {"oneOf": [
+            {"type": "array", "prefixItems": inputs, "minItems": len(inputs), "maxItems": len(inputs),
+             "description": "positional: one entry per input, in order"},
+            {"type": "object", "properties": dict(zip(names, inputs)), "required": names,
+             "additionalProperties": False, "description": "by parameter name"},
+        ]}},
+    }
+    if manifest.output_structure == "value" and isinstance(manifest.outputs[0], ValueSpec):
+        outputs = _schema(manifest.outputs[0], defs)
+    else:
+        outs = [_schema(s, defs) for s in manifest.outputs]
+        outputs = {"type": "array", "prefixItems": outs, "minItems": len(outs), "maxItems": len(outs),
+                   "description": "one entry per output, in order"}
+    response = {"type": "object", "required": ["outputs"], "properties": {"outputs": outputs}}
+    error = {"$ref": "#/components/schemas/Error"}
+
+    def errors(*statuses: int) -> dict[str, Any]:
+        return {str(s): {"description": _ERRORS[s], "content": {codec.JSON_TYPE: {"schema": error}}}
+                for s in statuses}
+
+    predict: dict[str, Any] = {
+        "summary": f"Run {manifest.name} {manifest.signature()}",
+        "operationId": "predict",
+        "requestBody": {"required": True, "content": {codec.JSON_TYPE: {"schema": request}}},
+        "responses": {
+            "200": {"description": "the model's outputs", "content": {codec.JSON_TYPE: {"schema": response}}},
+            **errors(400, 413, 415, 422, 500, 503, 504),
+        },
+    }
+    if not manifest.takes_values:
+        predict["requestBody"]["content"][codec.ARROW_TYPE] = {
+            "schema": {"type": "string", "format": "binary", "description": "an Arrow IPC stream, one column "
+                       f"per input ({', '.join(names)}), rows along the first dimension"}}
+        predict["responses"]["200"]["content"][codec.ARROW_TYPE] = {"schema": {"type": "string", "format": "binary"}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": title or manifest.name, "version": manifest.content_sha256[:12] or "0",
+                 "description": f"{manifest.name} served by tenfold: {manifest.signature()}"},
+        "paths": {
+            "/": {"post": predict},
+            "/-/manifest": {"get": {"summary": "the archive's manifest, its sha256 and this replica's interpreters",
+                                    "operationId": "manifest",
+                                    "responses": {"200": {"description": "the manifest"}}}},
+            "/-/stats": {"get": {"summary": "this replica's interpreter figures", "operationId": "stats",
+                                 "responses": {"200": {"description": "calls, errors, busy time, queue depth"}}}},
+        },
+        "components": {"schemas": {"Error": ERROR_SCHEMA, **_rewrite_refs(defs)}},
+    }
+
+
+_ERRORS = {
+    400: "the body is not valid JSON (or not an Arrow stream)",
+    413: "the body is over max_request_bytes",
+    415: "a Content-Type this model is not served in",
+    422: "the inputs do not fit the model's signature",
+    500: "the model raised an exception (its type and message are in the body)",
+    503: "the replica cannot serve now (every interpreter lost, or the queue is full): retry after Retry-After",
+    504: "the call ran past request_timeout_s",
+}
