@@ -385,7 +385,7 @@ def _serve(args: argparse.Namespace) -> int:
     from tenfold.packaging import read_manifest
 
     manifest = read_manifest(archive)
-    request_file = archive.with_suffix(".request.json")
+    request_file = archive.resolve().with_suffix(".request.json")
     request_file.write_text(json.dumps(example_request(archive)))
     name = archive.stem
     ray.init(num_cpus=max(os.cpu_count() or 1, args.interpreters * args.replicas), include_dashboard=False)
@@ -439,7 +439,7 @@ Its signature: {signature}
 
 From Python (another process on this machine), with the same inputs as Python values:
 
-  {auth}python - <<'PY'
+  {auth}{sys.executable} - <<'PY'
   import json, ray
   from ray import serve
   ray.init(address={address!r})

@@ -8,14 +8,13 @@ fractional CPUs so that several fit in the session's 4 logical CPUs.
 from __future__ import annotations
 
 import os
-import socket
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-TESTS = Path(__file__).resolve().parent
+from support import TESTS, free_port
 
 # Replicas report autoscaling figures every 10 s by default: too slow for a test. Ray's processes
 # inherit this environment, so it is set before the session's Ray starts.
@@ -23,13 +22,8 @@ _RAY_ENV = {
     "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
     "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
     "RAY_DEDUP_LOGS": "0",
+    "HF_HUB_OFFLINE": "1",  # replicas load Hugging Face code: nothing may be fetched from a hub
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass(frozen=True)
@@ -78,3 +72,29 @@ def probe_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("archives") / "probe.pt"
     save(_serve_models.probe, path, example_inputs=_serve_models.example_inputs(), name="probe")
     return path
+
+
+def _package_example(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    import importlib
+
+    from tenfold.packaging import save
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the examples' weights come from an installed package
+    if str(TESTS.parent) not in sys.path:
+        sys.path.insert(0, str(TESTS.parent))  # where `examples` lives
+    module = importlib.import_module(f"examples.{name}")
+    path = tmp_path_factory.mktemp("examples") / f"{name}.pt"
+    save(module.build, path, example_inputs=module.example_inputs())
+    return path
+
+
+@pytest.fixture(scope="session")
+def minilm_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`examples/minilm_embedder.py` (all-MiniLM-L6-v2 with its tokenizer) packaged with its defaults."""
+    return _package_example(tmp_path_factory, "minilm_embedder")
+
+
+@pytest.fixture(scope="session")
+def search_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`examples/semantic_search.py` (the encoder plus a corpus and its embeddings) packaged with its defaults."""
+    return _package_example(tmp_path_factory, "semantic_search")

@@ -281,19 +281,14 @@ def _tensor_column(value: np.ndarray) -> Any:
 
 
 def example_request(source: Any) -> dict[str, Any]:
-    """A JSON request body (as a dict) for the archive at `source`: the first row of every example input
-    stored in it at packaging."""
-    from tenfold.packaging import read_example_inputs
-
-    return {"inputs": [_first_row(v).tolist() for v in read_example_inputs(source)]}
-
-
-def example_arrow_request(source: Any) -> bytes | None:
-    """An Arrow request body for the same inputs as `example_request`."""
+    """A JSON request body (as a dict) for the archive at `source`, from the example inputs stored in it at
+    packaging: the first row of each tensor input, the others as they are."""
     from tenfold.packaging import read_example_inputs, read_manifest
 
-    names = [s.name for s in read_manifest(source).inputs]
-    return encode_arrow_inputs([_first_row(v) for v in read_example_inputs(source)], names)
+    specs = read_manifest(source).inputs
+    values = read_example_inputs(source)
+    return {"inputs": [_first_row(v).tolist() if isinstance(spec, TensorSpec) else _values.to_json(v)
+                       for spec, v in zip(specs, values)]}
 
 
 def _first_row(value: Any) -> np.ndarray:

@@ -60,9 +60,36 @@ def hints(model: Any) -> dict[str, Any]:
         return {}
 
 
+_BOUNDS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"), ("min_length", "len >="), ("max_length", "len <="))
+
+
 def _hint_text(hint: Any) -> str:
-    text = hint.__name__ if isinstance(hint, type) and not getattr(hint, "__args__", None) else repr(hint)
-    return text.replace("typing.", "").replace("typing_extensions.", "")
+    """A type hint as a reader writes it: 'list[str]', 'int | None', 'int (>= 1, <= 24)', 'list[Hit]'."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Annotated:
+        bounds = [f"{sign} {getattr(m, attr)}" for m in _metadata(args[1:]) for attr, sign in _BOUNDS
+                  if getattr(m, attr, None) is not None]
+        return _hint_text(args[0]) + (f" ({', '.join(bounds)})" if bounds else "")
+    if origin is typing.Literal:
+        return f"Literal[{', '.join(repr(a) for a in args)}]"
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return " | ".join(_hint_text(a) for a in args)
+    if origin is not None and args:
+        name = getattr(origin, "__name__", str(origin))
+        return f"{name}[{', '.join('...' if a is Ellipsis else _hint_text(a) for a in args)}]"
+    if hint is type(None):
+        return "None"
+    if isinstance(hint, type):
+        return hint.__name__
+    return str(hint).replace("typing.", "").replace("typing_extensions.", "")
+
+
+def _metadata(items: Sequence[Any]) -> list[Any]:
+    """Annotated's metadata, with pydantic's Field(...) opened up into its constraints."""
+    out = []
+    for item in items:
+        out.extend(getattr(item, "metadata", None) or [item])
+    return out
 
 
 def _json_hint(hint: Any) -> bool:
@@ -230,13 +257,27 @@ def _validate_hinted(hint: Any, spec: ValueSpec, value: Any, where: str) -> Any:
     from pydantic import ValidationError
 
     try:
-        return _adapter(hint).validate_python(value)
+        return _adapter(hint).validate_python(_plain(value))
     except ValidationError as exc:
         problems = "; ".join(
             f"{'at ' + ''.join(f'[{p!r}]' for p in e['loc']) + ': ' if e['loc'] else ''}{e['msg']}"
             for e in exc.errors(include_url=False)[:3]
         )
         raise ValueError(f"{where} must be {spec.type}; {problems}") from None
+
+
+def _plain(value: Any) -> Any:
+    """`value` with the pydantic models in it as dicts: a model made by the caller's copy of a class is not
+    an instance of the interpreter's copy (the archive's), but its fields validate into one."""
+    if hasattr(value, "model_dump") and not isinstance(value, type):
+        return value.model_dump()
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def _as_array(spec: TensorSpec, value: Any, where: str) -> Any:

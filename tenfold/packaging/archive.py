@@ -286,7 +286,10 @@ class Archive:
         """ExternMissing if a module the archive takes from the environment cannot be imported here."""
         if modules is None:
             modules = self.manifest.extern_modules if self.has_manifest else self.extern_modules()
-        missing = [name for name in modules if name not in sys.modules and not _importable(name)]
+        # Top-level packages only: finding a submodule imports its parents (torch, transformers...), and some
+        # (torch._C._nn) are attributes of a C module, not modules a finder knows.
+        tops = sorted({name.split(".")[0] for name in modules})
+        missing = [name for name in tops if name not in sys.modules and not _importable(name)]
         if missing:
             raise ExternMissing(
                 self.label,

@@ -39,7 +39,7 @@ def test_tenfold_serve_serves_an_archive_prints_how_to_call_it_and_stops_on_ctrl
                           timeout=30)
         assert r.status_code == 200, r.text
         assert [len(o) for o in r.json()["outputs"]] == [1, 1]  # the printed request is one valid row
-        prefix, snippet = printed.split("python - <<'PY'\n", 1)
+        prefix, snippet = printed.split(f"{sys.executable} - <<'PY'\n", 1)
         snippet = snippet.split("\n  PY\n", 1)[0]
         env = dict(kv.split("=", 1) for kv in prefix.rsplit("\n", 1)[-1].split())  # e.g. RAY_AUTH_MODE=token
         handle = run_python(textwrap.dedent(snippet), env=subprocess_env(**env), timeout=120)

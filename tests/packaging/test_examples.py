@@ -108,3 +108,44 @@ def test_archives_load_in_an_interpreter_that_cannot_import_examples(packaged: d
                          timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert [line.split()[1] for line in run.stdout.splitlines() if line.startswith("OK")] == list(packaged)
+
+
+# -- Hugging Face examples: Python values in and out ------------------------------------------------
+
+TEXTS = ["A replica serves requests for a deployment.", "The tide left crabs in pools on the rocks.", "héllo 🌍"]
+
+
+def test_the_minilm_embedder_matches_sentence_transformers(minilm_archive: Path) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    from examples.minilm_embedder import model_dir
+
+    m = tp.read_manifest(minilm_archive)
+    assert m.signature() == "(texts: list[str]) -> list[list[float]]"
+    assert m.interned_modules == ["examples.minilm_embedder"]
+    assert {"transformers", "tokenizers", "torch"} <= {r.split("==")[0] for r in m.requirements}
+    got = torch.tensor(tp.load(minilm_archive)(TEXTS))
+    want = torch.from_numpy(SentenceTransformer(model_dir(), device="cpu").encode(TEXTS, normalize_embeddings=True))
+    assert got.shape == want.shape == (3, 384)
+    cosine = torch.nn.functional.cosine_similarity(got, want, dim=1)
+    assert bool((cosine >= 0.9999).all()), cosine
+    torch.testing.assert_close(got.norm(dim=1), torch.ones(3))
+
+
+def test_the_hugging_face_examples_answer_in_interpreters_as_in_the_host(minilm_archive: Path,
+                                                                        search_archive: Path) -> None:
+    from tenfold.runtime import InterpreterPool
+
+    embed, search = tp.load(minilm_archive), tp.load(search_archive)
+    with InterpreterPool(2, threads_per_interpreter=1) as pool:
+        with tp.replicate(pool, minilm_archive) as model:
+            answers = [f.result() for f in [model.submit(TEXTS) for _ in range(4)]]
+            for got in answers:
+                torch.testing.assert_close(torch.tensor(got), torch.tensor(embed(TEXTS)), rtol=1e-5, atol=1e-6)
+        with tp.replicate(pool, search_archive) as model:
+            hits = model("How do I serve a model on many machines?", 2)
+            assert [h["text"] for h in hits] == [h["text"] for h in search("How do I serve a model on many machines?",
+                                                                          2)]
+            assert hits[0]["text"].startswith("Ray Serve scales") and hits[0]["score"] > hits[1]["score"] > 0.2
+            with pytest.raises(ValueError, match=r"input 1 \('k'\) must be int \(>= 1, <= 24\)"):
+                model("a query", 0)

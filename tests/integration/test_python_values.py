@@ -1,0 +1,124 @@
+"""Python-valued models on a real Ray Serve: strings in and out over HTTP (by position and by name) and
+through handles, validation as 422s, and the OpenAPI document of `POST /` built from the manifest."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import jsonschema
+import pytest
+import requests
+import torch
+
+import tenfold.packaging as tp
+
+pytestmark = pytest.mark.ray
+
+TEXTS = ["Several interpreters share one process.", "Fresh bread and cinnamon.", "ünïcode ✓"]
+
+
+@pytest.fixture(scope="module")
+def embedder(serve_session, minilm_archive: Path) -> Iterator[SimpleNamespace]:  # noqa: ANN001
+    from ray import serve
+
+    from tenfold.integration import app_builder
+
+    app = app_builder({"archive": str(minilm_archive), "interpreters": 2, "num_cpus": 0.5, "name": "embedder"})
+    handle = serve.run(app, name="embedder", route_prefix="/embedder")
+    yield SimpleNamespace(url=f"{serve_session.url}/embedder", handle=handle, host=tp.load(minilm_archive))
+    serve.delete("embedder")
+
+
+@pytest.fixture(scope="module")
+def search(serve_session, search_archive: Path) -> Iterator[SimpleNamespace]:  # noqa: ANN001
+    from ray import serve
+
+    from tenfold.integration import app_builder
+
+    app = app_builder({"archive": str(search_archive), "interpreters": 1, "num_cpus": 0.5, "name": "search"})
+    handle = serve.run(app, name="search", route_prefix="/search")
+    yield SimpleNamespace(url=f"{serve_session.url}/search", handle=handle, host=tp.load(search_archive))
+    serve.delete("search")
+
+
+def close(got: list, want: list) -> None:
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-6)
+
+
+def test_strings_in_embeddings_out_by_position_and_by_name(embedder: SimpleNamespace) -> None:
+    want = embedder.host(TEXTS)
+    for body in ({"inputs": [TEXTS]}, {"inputs": {"texts": TEXTS}}):
+        r = requests.post(embedder.url, json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        close(r.json()["outputs"], want)
+
+
+def test_handles_take_and_return_the_python_values(embedder: SimpleNamespace) -> None:
+    got = embedder.handle.remote(TEXTS).result(timeout_s=60)
+    assert isinstance(got, list) and isinstance(got[0][0], float)
+    close(got, embedder.host(TEXTS))
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ({"inputs": [[1, 2]]}, "input 0 ('texts') must be list[str]; at [0]: Input should be a valid string"),
+    ({"inputs": ["one text"]}, "input 0 ('texts') must be list[str]; Input should be a valid list"),
+    ({"inputs": {"text": TEXTS}}, "inputs by name must be exactly ['texts']"),
+    ({"inputs": [TEXTS, 1]}, "the model takes 1 input(s) (texts: list[str]), got 2"),
+])
+def test_a_mistyped_value_is_a_422_naming_it(embedder: SimpleNamespace, body: dict, message: str) -> None:
+    r = requests.post(embedder.url, json=body, timeout=60)
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["type"] == "InvalidInput" and message in r.json()["error"]["message"]
+
+
+def test_arrow_is_refused_for_python_values_with_a_415(embedder: SimpleNamespace) -> None:
+    r = requests.post(embedder.url, data=b"\xff", headers={"Content-Type": "application/vnd.apache.arrow.stream"},
+                      timeout=60)
+    assert r.status_code == 415 and "takes Python values (texts: list[str])" in r.json()["error"]["message"]
+
+
+def test_the_openapi_document_describes_requests_answers_and_errors(embedder: SimpleNamespace,
+                                                                    search: SimpleNamespace) -> None:
+    for app, valid, invalid in (
+        (embedder, {"inputs": [TEXTS]}, {"inputs": [[3]]}),
+        (search, {"inputs": {"query": "replicas", "k": 2}}, {"inputs": {"query": "replicas", "k": 0}}),
+    ):
+        doc = requests.get(f"{app.url}/-/openapi.json", timeout=30).json()
+        assert doc["openapi"] == "3.1.0"
+        post = doc["paths"]["/"]["post"]
+        assert {"200", "400", "413", "422", "500", "503", "504"} <= set(post["responses"])
+
+        def schema(node: dict, doc: dict = doc) -> dict:
+            return {**node, "components": doc["components"]}  # its refs resolve from the same root
+
+        request = schema(post["requestBody"]["content"]["application/json"]["schema"])
+        jsonschema.validate(valid, request)
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(invalid, request)
+        answer = requests.post(app.url, json=valid, timeout=60)
+        assert answer.status_code == 200, answer.text
+        jsonschema.validate(answer.json(), schema(post["responses"]["200"]["content"]["application/json"]["schema"]))
+        refused = requests.post(app.url, json=invalid, timeout=60)
+        assert refused.status_code == 422
+        jsonschema.validate(refused.json(), schema(post["responses"]["422"]["content"]["application/json"]["schema"]))
+
+
+def test_semantic_search_answers_typed_hits_over_http_and_handles(search: SimpleNamespace) -> None:
+    query = "How do I serve a model on many machines?"
+    r = requests.post(search.url, json={"inputs": [query, 3]}, timeout=60)
+    assert r.status_code == 200, r.text
+    hits = r.json()["outputs"]
+    assert [h["text"] for h in hits] == [h["text"] for h in search.host(query, 3)]
+    assert hits[0]["text"].startswith("Ray Serve scales") and hits[0]["score"] >= hits[1]["score"] >= hits[2]["score"]
+    assert search.handle.remote(query, 1).result(timeout_s=60) == search.host(query, 1)
+    r = requests.post(search.url, json={"inputs": [query, 99]}, timeout=60)
+    assert r.status_code == 422 and "input 1 ('k') must be int (>= 1, <= 24)" in r.json()["error"]["message"]
+
+
+def test_batching_a_python_valued_model_is_refused_at_deploy_with_the_reason(minilm_archive: Path) -> None:
+    from tenfold.integration import DeployError, app_builder
+
+    with pytest.raises(DeployError, match=r"takes Python values \(texts: list\[str\]\).*Drop max_batch_size"):
+        app_builder({"archive": str(minilm_archive), "max_batch_size": 8})
