@@ -86,7 +86,7 @@ def _hint_text(hint: Any) -> str:
 
 def _metadata(items: Sequence[Any]) -> list[Any]:
     """Annotated's metadata, with pydantic's Field(...) opened up into its constraints."""
-    out = []
+    out: list[Any] = []
     for item in items:
         out.extend(getattr(item, "metadata", None) or [item])
     return out
