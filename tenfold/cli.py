@@ -169,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_bench("packaging"))
 
     p = bench.add_parser("serve", help="HTTP throughput, latency and memory: 1x2 interpreters vs 2x1 processes")
-    p.add_argument("--models", default="rnn_tagger,resnet", help="examples (or archives) to serve, comma-separated")
+    p.add_argument("--models", default="rnn_tagger,resnet,minilm_embedder",
+                   help="examples (or archives) to serve, comma-separated")
     p.add_argument("--setups", default="tenfold,plain,threads", help="which of tenfold, plain, threads to run")
     p.add_argument("--rounds", type=_positive(int), default=10, help="interleaved rounds of load per set-up")
     p.add_argument("--seconds", type=_positive(float), default=6.0, help="measured load per set-up and round")

@@ -39,7 +39,7 @@ MODE_LABELS = {
     "processes": "N processes (spawn)",
     "torchscript": "TorchScript, N host threads",
 }
-PYTHON_HEAVY = ("mlp", "rnn")
+PYTHON_HEAVY = ("mlp", "rnn", "generate")
 MB = 1 << 20
 
 
@@ -238,14 +238,15 @@ def _measure_size(
             t0 = time.perf_counter()
             drivers[mode] = driver = _driver(mode, size, fleet)
             for name in cfg.models:
-                driver.load(name)
+                if _runs(name, mode):
+                    driver.load(name)
             extras["worker_info"][f"{mode}@{size}"] = driver.info()
             log(f"  {mode} x{size}: ready in {time.perf_counter() - t0:.1f} s")
         if "processes" in drivers:
             extras["process_memory"][str(size)] = drivers["processes"].memory()
         for rep in range(cfg.reps):
             for name in cfg.models:
-                for mode in MODES:
+                for mode in [m for m in MODES if _runs(name, m)]:
                     per_worker = drivers[mode].run(name, cfg.warmup_s, cfg.seconds)
                     rate = sum(n / s for n, s in per_worker)
                     row = rows.setdefault(
@@ -258,6 +259,11 @@ def _measure_size(
     finally:
         for driver in drivers.values():
             driver.close()
+
+
+def _runs(name: str, mode: str) -> bool:
+    """Whether model `name` runs in `mode` (TorchScript takes only the models it can script or trace)."""
+    return mode != "torchscript" or name in runtime_models.SCRIPTABLE
 
 
 def _add_ratios(rows: list[dict[str, Any]]) -> None:
@@ -469,7 +475,7 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         row = index.get((name, "interpreters", 2))
         if row is None:
             continue
-        add(f"{name}: 2 interpreters vs 1", row["vs_one_interpreter"], ">=", 1.85, "x")
+        add(f"{name}: 2 interpreters vs 1", row["vs_one_interpreter"], ">=", 1.8 if name == "generate" else 1.85, "x")
         add(f"{name}: 2 interpreters vs 2 threads", row["vs_threads"], ">=", 2.5, "x")
     rt = results.get("round_trip")
     if rt:

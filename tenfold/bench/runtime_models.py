@@ -16,7 +16,12 @@ MODELS: dict[str, str] = {
     "mlp": "Python-heavy: 8x Linear(64,64)+ReLU, batch 4, layers stepped in Python",
     "rnn": "Python-heavy: GRUCell(32,64) stepped 16 times in Python, data-dependent early exit, batch 1",
     "conv": "compute-heavy: 3-layer conv net, batch 8 of 3x64x64",
+    "generate": "Python-heavy Hugging Face: GPT-2 (2 layers, width 64, random weights) generate() of 16 tokens, "
+                "greedy, batch 1",
 }
+
+#: Models TorchScript can take (generate() is Python control flow over a model, not a graph).
+SCRIPTABLE = ("mlp", "rnn", "conv")
 
 # (name, scripted) -> (model, example input), one per worker (interpreter, process or host).
 _loaded: dict[tuple[str, bool], tuple[Any, Any]] = {}
@@ -67,6 +72,23 @@ def _build(name: str) -> tuple[Any, Any]:
             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10),
         )
         return model.eval(), torch.randn(8, 3, 64, 64)
+    if name == "generate":
+        from transformers import GPT2Config, GPT2LMHeadModel
+        from transformers.utils import logging
+
+        logging.set_verbosity_error()  # generate() would warn about its defaults on every call
+        lm = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=64, vocab_size=512, n_positions=64)).eval()
+
+        class Generate(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.lm = lm
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return self.lm.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=16, min_new_tokens=16,
+                                        do_sample=False, pad_token_id=0)
+
+        return Generate().eval(), torch.randint(1, 512, (1, 8))
     raise ValueError(f"unknown benchmark model {name!r}; known: {', '.join(MODELS)}")
 
 
