@@ -19,8 +19,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 from support import free_port
 
+from tenfold.integration.config import AppArgs
 from tenfold.integration.sources import (
     ArchiveSource,
     ArchiveUnavailable,
@@ -474,3 +476,34 @@ def test_fetch_refuses_an_unpinned_remote_source_before_connecting() -> None:
     assert not isinstance(info.value, ArchiveUnavailable)
     with pytest.raises(ValueError, match="sha256 must be 64 hex digits, got 'abc'"):
         fetch(source, sha256="abc")
+
+
+@pytest.mark.parametrize("archive", ["s3://models/linear/v1.pt", "https://models.example/linear.pt"])
+def test_app_args_refuse_a_remote_archive_without_sha256(archive: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        AppArgs(archive=archive)
+    message = str(info.value)
+    assert f"sha256 must be set when archive is {archive}" in message
+    assert "tenfold inspect LOCAL_COPY" in message and "sha256sum LOCAL_COPY" in message
+    args = AppArgs(archive=archive, sha256=f"sha256:{WRONG}")
+    assert args.sha256 == WRONG
+
+
+def test_app_args_take_an_endpoint_and_local_archives_unpinned(tmp_path: Path) -> None:
+    args = AppArgs(archive="s3://models/m.pt", sha256=WRONG, endpoint_url="http://127.0.0.1:9000")
+    assert args.endpoint_url == "http://127.0.0.1:9000"
+    assert AppArgs(archive="build/m.pt").sha256 is None
+    assert AppArgs(archive=(tmp_path / "m.pt").as_uri()).sha256 is None
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"archive": "gs://b/m.pt", "sha256": WRONG}, "unsupported scheme gs://"),
+        ({"archive": "m.pt", "endpoint_url": "http://minio:9000"}, "endpoint_url applies to s3:// archives only"),
+        ({"archive": "s3://b/m.pt", "sha256": WRONG, "endpoint_url": "minio:9000"}, "endpoint_url must be"),
+    ],
+)
+def test_app_args_refuse_an_archive_the_builder_cannot_read(fields: dict, message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        AppArgs(**fields)
