@@ -18,6 +18,8 @@ from pydantic import (
     model_validator,
 )
 
+from .sources import ArchiveSource, check_pinned
+
 DEFAULT_INTERPRETERS = 2
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -59,9 +61,18 @@ class AppArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    archive: str = Field(description="Path of the torch.package archive, read once by the builder.")
+    archive: str = Field(
+        description="Where the torch.package archive is, read once by the builder: a local path (relative to the "
+        "directory the application is built in), file:///absolute/path, s3://bucket/key (see endpoint_url) or "
+        "http(s)://host/path. Every form but a local file needs sha256."
+    )
     sha256: str | None = Field(None, description="Expected hex sha256 of the whole archive; refuse any other.")
     require_sha256: bool = Field(False, description="Refuse to deploy an archive whose sha256 is not pinned.")
+    endpoint_url: str | None = Field(
+        None, description="S3-compatible store serving an s3:// archive, e.g. http://minio:9000 (default: "
+        "AWS_ENDPOINT_URL_S3, else AWS_ENDPOINT_URL, else AWS S3). Credentials and region come from the AWS_* "
+        "environment variables."
+    )
     name: str | None = Field(None, description="Deployment name (default: the manifest's model name).")
     interpreters: PositiveInt | None = Field(
         None, description=f"Interpreters per replica (default: num_cpus, else {DEFAULT_INTERPRETERS})."
@@ -115,6 +126,13 @@ class AppArgs(BaseModel):
             raise ValueError("set either num_replicas or autoscaling, not both")
         if "batch_wait_timeout_s" in self.model_fields_set and self.max_batch_size is None:
             raise ValueError("batch_wait_timeout_s needs max_batch_size")
+        return self
+
+    @model_validator(mode="after")
+    def _archive_source(self) -> AppArgs:
+        # A form the builder cannot read is refused here; an archive from the network runs pickled code, so only
+        # its digest makes it trustworthy.
+        check_pinned(ArchiveSource.parse(self.archive, endpoint_url=self.endpoint_url), self.sha256)
         return self
 
     @property
