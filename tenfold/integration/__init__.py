@@ -11,13 +11,16 @@ from typing import Any
 
 _EXPORTS = {
     "AppArgs": ".config",
+    "ArchiveLocator": ".archive_cache",
+    "ArchiveSource": ".sources",
+    "ArchiveUnavailable": ".sources",
     "AutoscalingArgs": ".config",
     "DeployError": ".builder",
     "RequestTimeout": ".deployment",
     "TenfoldModel": ".deployment",
     "UtilizationPolicy": ".policy",
     "app_builder": ".builder",
-    "release_archive": ".object_store",
+    "published_digests": ".archive_cache",
     "utilization_policy": ".policy",
 }
 

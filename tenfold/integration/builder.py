@@ -4,38 +4,20 @@ No `from __future__ import annotations` here: Serve reads the builder's paramete
 the YAML's `args` into `AppArgs`, and a string annotation would hide the class from it.
 """
 
-import os
-from pathlib import Path
 from typing import Any
 
-import ray
 from ray import serve
 from ray.serve import Application
 from ray.serve.config import BackpressureConfig
 
+from .archive_cache import ArchiveLocator
 from .config import AppArgs
 from .deployment import TenfoldModel
-from .object_store import put_archive
+from .sources import ArchiveSource, ArchiveUnavailable, fetch
 
 
 class DeployError(ValueError):
     """The application cannot be deployed as configured; the message says why and what to change."""
-
-
-def _read_archive(path: str) -> tuple[bytes, Path]:
-    resolved = Path(path).expanduser()
-    if not resolved.is_absolute():
-        resolved = Path.cwd() / resolved
-    try:
-        return resolved.read_bytes(), resolved
-    except FileNotFoundError:
-        raise DeployError(
-            f"archive {path!r} not found (looked at {resolved}; relative paths are taken from the directory "
-            f"the application is built in, {os.getcwd()}): package a model with `tenfold package` first, or give "
-            "an absolute path"
-        ) from None
-    except IsADirectoryError:
-        raise DeployError(f"archive {path!r} is a directory, not a torch.package file") from None
 
 
 def _check_batching(args: AppArgs, manifest: Any) -> None:
@@ -90,26 +72,28 @@ def _deployment_options(args: AppArgs, name: str) -> dict[str, Any]:
 
 
 def app_builder(args: AppArgs) -> Application:
-    """Reads and checks the archive once, puts it in the object store and binds it into the deployment.
+    """Reads and checks the archive once (from a path, file://, s3:// or http(s)://) and binds where it is,
+    with its digest, into the deployment; nothing is put anywhere, and no process is started for it.
 
-    Every replica, on every node, resolves the same object-store buffer: none reads the file.
-    `args` may be an `AppArgs` or a dict of its fields (as in a `serve run` YAML's `args`).
+    Each replica maps a local archive itself (one copy per node, in the page cache) or takes a remote one
+    from the node's object store, where the first replica that needs it puts it (see
+    `tenfold.integration.archive_cache`). `args` may be an `AppArgs` or a dict of its fields (as in a
+    `serve run` YAML's `args`).
     """
-    from tenfold.packaging import PackageError, archive_sha256, verify_archive
+    from tenfold.packaging import Archive, PackageError
 
     args = AppArgs.model_validate(args) if not isinstance(args, AppArgs) else args
-    data, resolved = _read_archive(args.archive)
-    digest = archive_sha256(data)
+    source = ArchiveSource.parse(args.archive, endpoint_url=args.endpoint_url)
     try:
-        manifest = verify_archive(data, sha256=args.sha256)
-    except PackageError as exc:
-        raise DeployError(f"refusing to deploy {resolved}: {exc}") from exc
+        view = fetch(source, sha256=args.sha256)
+        archive = Archive(view, source.describe())
+        digest = args.sha256 or archive.sha256()
+        manifest = archive.verify()
+    except (ArchiveUnavailable, PackageError) as exc:  # each names the source
+        raise DeployError(f"refusing to deploy: {exc}") from exc
+    locator = ArchiveLocator(source, digest, len(view))
+    del archive, view
     _check_batching(args, manifest)
-    if not ray.is_initialized():
-        ray.init()
-    ref = put_archive(data, digest)
-    del data
     name = args.name or manifest.name
     deployment = serve.deployment(TenfoldModel).options(**_deployment_options(args, name))
-    # Inside a list, so that Serve hands the reference itself to every replica instead of resolving it.
-    return deployment.bind([ref], args.model_dump(mode="json", exclude_unset=True), digest)
+    return deployment.bind(locator, args.model_dump(mode="json", exclude_unset=True))

@@ -98,6 +98,10 @@ class AppArgs(BaseModel):
     )
     batch_wait_timeout_s: NonNegativeFloat = Field(0.005, description="How long a batch waits to fill up.")
     request_timeout_s: PositiveFloat | None = Field(30.0, description="A call running longer answers 504.")
+    replace_lost_interpreters: bool = Field(
+        True, description="Start an interpreter in the place of one lost in native code, while the process has "
+        "room; without it (or without room) a replica whose interpreters are all lost fails its health check."
+    )
     interrupt_grace_s: PositiveFloat = Field(
         1.0, description="How long a timed-out call may take to stop once interrupted before its interpreter is "
         "declared lost (stuck in native code)."

@@ -10,10 +10,12 @@ one host thread, which serves every interpreter, only moves bytes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -24,7 +26,8 @@ from starlette.responses import Response
 
 from tenfold.runtime import BrokenInterpreterPool, InterpreterLost, InterpreterPool, RemoteError, remote_traceback
 
-from . import codec, openapi, policy
+from . import archive_cache, codec, openapi, policy
+from .archive_cache import ArchiveLocator
 from .config import AppArgs
 from .metrics import ReplicaMetrics
 
@@ -44,24 +47,39 @@ class TenfoldModel:
     `GET /-/openapi.json` the OpenAPI document of `POST /`, and `GET /-/stats` the interpreters' figures.
     """
 
-    def __init__(self, archive: list[ray.ObjectRef], args: dict[str, Any], sha256: str) -> None:
+    def __init__(self, archive: ArchiveLocator, args: dict[str, Any]) -> None:
         from tenfold.packaging import replicate
 
         self._args = AppArgs.model_validate(args)
-        self._sha256 = sha256
-        # A read-only view of this node's shared memory: the weights of every interpreter point into it.
-        self._buffer = ray.get(archive[0])
+        self._locator = archive
         window = self._args.autoscaling.look_back_period_s if self._args.autoscaling else 10.0
-        self._pool = InterpreterPool(
-            self._args.replica_interpreters,
-            backend=self._args.backend,
-            threads_per_interpreter=self._args.threads_per_interpreter,
-            utilization_window_s=window,
-        )
+        # The interpreters start (one core each) while this thread maps or fetches the archive.
+        with ThreadPoolExecutor(1, thread_name_prefix="tenfold-start") as starter:
+            starting = starter.submit(
+                InterpreterPool,
+                self._args.replica_interpreters,
+                backend=self._args.backend,
+                threads_per_interpreter=self._args.threads_per_interpreter,
+                utilization_window_s=window,
+                replace_lost=self._args.replace_lost_interpreters,
+            )
+            try:
+                self._archive = archive_cache.resolve(archive)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    starting.result().shutdown(wait=True)
+                raise
+            try:
+                self._pool = starting.result()
+            except BaseException:
+                archive_cache.release(self._archive)
+                raise
         try:
-            self._model = replicate(self._pool, self._buffer, sha256=sha256)
+            # Verified against the digest bound at deploy time by resolve(): not hashed again.
+            self._model = replicate(self._pool, self._archive.buffer)
         except BaseException:
             self._pool.shutdown(wait=True)
+            archive_cache.release(self._archive)
             raise
         self._manifest = self._model.manifest
         self._interface = codec.Interface.of(self._manifest)
@@ -93,10 +111,12 @@ class TenfoldModel:
             self._metrics.observe_request("handle", time.perf_counter() - t0, status)
 
     async def manifest(self) -> dict[str, Any]:
-        """The archive's manifest, its sha256 and this replica's interpreters."""
+        """The archive's manifest, its sha256 and source, and this replica's interpreters."""
         return {
             "manifest": self._manifest.model_dump(mode="json"),
-            "sha256": self._sha256,
+            "sha256": self._locator.sha256,
+            "source": self._locator.source.describe(),
+            "archive_from": self._archive.origin,
             "interpreters": self._pool.size,
             "backend": self._pool.backend,
             "pid": os.getpid(),
@@ -148,6 +168,9 @@ class TenfoldModel:
             model.close()
         if pool is not None:
             pool.shutdown(wait=True)
+        archive = getattr(self, "_archive", None)
+        if archive is not None:
+            archive_cache.release(archive)
 
     # -- inference -----------------------------------------------------------------------------
 

@@ -44,9 +44,10 @@ class _Loaded:
 class ReplicatedModel:
     """A model loaded into every interpreter of a pool. Call it, or `submit` to get a Future."""
 
-    def __init__(self, pool: InterpreterPool, model_id: str, manifest: Manifest, label: str) -> None:
+    def __init__(self, pool: InterpreterPool, model_id: str, manifest: Manifest, label: str, setup: int) -> None:
         self._pool = pool
         self._id = model_id
+        self._setup = setup
         self._label = label
         self._closed = False
         self._poisoned: SharedWeightWrite | None = None
@@ -138,6 +139,7 @@ class ReplicatedModel:
                 return
             self._closed = True
         try:
+            self._pool.remove_setup(self._setup)
             self._pool.broadcast(_drop, self._id)
         finally:
             with _host_lock:
@@ -180,7 +182,8 @@ def replicate(
     with _host_lock:
         _host_buffers[model_id] = view
     try:
-        pool.broadcast(_load, model_id, pickle.PickleBuffer(view), label, copy_weights, strict_requirements)
+        # A setup, not a broadcast: an interpreter that replaces a lost one loads the model too.
+        setup = pool.add_setup(_load, model_id, pickle.PickleBuffer(view), label, copy_weights, strict_requirements)
     except BaseException:
         try:
             pool.broadcast(_drop, model_id)
@@ -188,7 +191,7 @@ def replicate(
             with _host_lock:
                 _host_buffers.pop(model_id, None)
         raise
-    return ReplicatedModel(pool, model_id, manifest, label)
+    return ReplicatedModel(pool, model_id, manifest, label, setup)
 
 
 # -- run inside each interpreter -------------------------------------------------------------------

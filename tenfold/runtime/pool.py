@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import collections
 import functools
+import itertools
 import os
 import sys
 import threading
@@ -17,7 +18,7 @@ from typing import Any, Literal
 
 from . import _glibc, _guest
 from ._interpreter import Interpreter, NamespaceInterpreter, ThreadInterpreter
-from .errors import BrokenInterpreterPool, InterpreterLost, InterpreterStartError, PlatformNotSupported
+from .errors import BrokenInterpreterPool, InterpreterLost, InterpreterStartError, PlatformNotSupported, RuntimeFault
 from .stats import BusyMeter, InterpreterStats, PoolStats
 
 Backend = Literal["auto", "namespaces", "threads"]
@@ -71,8 +72,10 @@ class _Slot:
         self.calls = 0
         self.errors = 0
         self.lost = False
+        self.replaced = 0  # interpreters that took this place after the one before was lost
         self.meter = BusyMeter(window_s)
         self.released = threading.Event()
+        self.replace_error: str | None = None  # why a lost interpreter could not be replaced
 
     @property
     def pending(self) -> int:
@@ -95,6 +98,10 @@ class InterpreterPool(Executor):
     shut-down pool parks them and the next pool in the process takes them. A new pool sets their
     sys.path (the host's at creation) and thread budget again, but modules an earlier pool imported
     stay imported, with whatever module state they were left in. At most 15 are alive per process.
+
+    An interpreter stuck in native code past an interrupt is lost (see `interrupt`). With `replace_lost`
+    (the default) the pool starts another in its place while the process has room for one, runs the
+    initializer and every `add_setup` function in it, and routes calls to it once that is done.
     """
 
     def __init__(
@@ -106,6 +113,7 @@ class InterpreterPool(Executor):
         initializer: Callable[..., Any] | None = None,
         initargs: tuple = (),
         utilization_window_s: float = 10.0,
+        replace_lost: bool = True,
     ) -> None:
         if not isinstance(size, int) or size < 1:
             raise ValueError(f"size must be greater than 0, got {size!r}")
@@ -118,8 +126,11 @@ class InterpreterPool(Executor):
         self.threads_per_interpreter = threads_per_interpreter or max(1, usable_cores() // size)
         self._lock = threading.Lock()
         self._shutdown = False
-        self._broken: str | None = None
         self._next = 0
+        self._replace_lost = replace_lost
+        # What every interpreter runs before taking calls: kept, so that a replacement runs it too.
+        self._setups: dict[int, tuple[Callable[..., Any], tuple, dict]] = {}
+        self._setup_tokens = itertools.count()
         interpreters = self._acquire(size)
         self._slots = [_Slot(i, it, utilization_window_s) for i, it in enumerate(interpreters)]
         # A pool dropped without shutdown still gives its interpreters back once it is collected.
@@ -163,12 +174,31 @@ class InterpreterPool(Executor):
 
     def _prepare(self, initializer: Callable[..., Any] | None, initargs: tuple) -> None:
         if self.backend == "namespaces":
-            self.broadcast(_guest.configure, list(sys.path), self.threads_per_interpreter)
+            self.add_setup(_guest.configure, list(sys.path), self.threads_per_interpreter)
         if initializer is not None:
             try:
-                self.broadcast(initializer, *initargs)
+                self.add_setup(initializer, *initargs)
             except Exception as exc:
                 raise BrokenInterpreterPool(f"the initializer {initializer!r} failed: {exc}") from exc
+
+    def add_setup(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> int:
+        """Run `fn(*args, **kwargs)` in every interpreter now, as `broadcast` does, and in every interpreter
+        that later replaces a lost one, before it takes calls (e.g. loading a model). Returns a token for
+        `remove_setup`; if `fn` fails anywhere, nothing is kept and the exception is raised."""
+        with self._lock:
+            token = next(self._setup_tokens)
+            self._setups[token] = (fn, args, kwargs)
+        try:
+            self.broadcast(fn, *args, **kwargs)
+        except BaseException:
+            self.remove_setup(token)
+            raise
+        return token
+
+    def remove_setup(self, token: int) -> None:
+        """Stop running a setup function in replacement interpreters (it is not undone where it ran)."""
+        with self._lock:
+            self._setups.pop(token, None)
 
     # -- Executor ------------------------------------------------------------------------------
 
@@ -241,10 +271,40 @@ class InterpreterPool(Executor):
                 if live:
                     target = min(live, key=lambda s: s.pending)
                     target.queue.append(item)
-                    target.interpreter.post(functools.partial(self._run_next, target))
+                    target.interpreter.post(functools.partial(self._run_next, target, target.interpreter))
                 else:
                     _fail(item.future, BrokenInterpreterPool("every interpreter of this pool was lost"))
+            replace = self._replace_lost and not self._shutdown
         _fail(future, InterpreterLost(reason))
+        if replace:
+            threading.Thread(target=self._replace, args=(slot,), name=f"tenfold-replace-{slot.index}",
+                             daemon=True).start()
+
+    def _replace(self, slot: _Slot) -> None:
+        """Start an interpreter in the place of `slot`'s lost one, set it up, and put it in service; where the
+        process has no room for another, the place stays lost."""
+        try:
+            (it,) = self._acquire(1)
+        except (ValueError, RuntimeFault) as exc:
+            slot.replace_error = str(exc)
+            return
+        done: dict[int, Any] = {}
+        try:
+            while True:  # a setup added while this one was being set up runs too
+                with self._lock:
+                    todo = [(t, s) for t, s in self._setups.items() if t not in done]
+                    if not todo or self._shutdown:
+                        if not self._shutdown:
+                            slot.interpreter, slot.lost = it, False
+                            slot.replaced += 1
+                            slot.released = threading.Event()
+                        break
+                for token, (fn, args, kwargs) in todo:
+                    done[token] = _call_on(it, fn, args, kwargs)
+        except BaseException as exc:  # noqa: BLE001 - the place stays lost, and says why
+            slot.replace_error = f"{type(exc).__name__}: {exc}"
+        if slot.interpreter is not it:  # not put in service: give it back for another pool
+            _release(_Slot(slot.index, it, 1.0))
 
     @property
     def healthy(self) -> int:
@@ -265,6 +325,7 @@ class InterpreterPool(Executor):
                     queue_depth=s.pending,
                     utilization=s.meter.utilization(now),
                     lost=s.lost,
+                    replaced=s.replaced,
                 )
                 for s in self._slots
             ],
@@ -273,19 +334,19 @@ class InterpreterPool(Executor):
     # -- internals -----------------------------------------------------------------------------
 
     def _check_open(self) -> None:
-        if self._broken:
-            raise BrokenInterpreterPool(self._broken)
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
 
     def _enqueue(self, slot: _Slot, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Future:
         future: Future = Future()
         slot.queue.append(_WorkItem(future, fn, args, kwargs))
-        slot.interpreter.post(lambda: self._run_next(slot))
+        slot.interpreter.post(functools.partial(self._run_next, slot, slot.interpreter))
         return future
 
-    def _run_next(self, slot: _Slot) -> None:
+    def _run_next(self, slot: _Slot, it: Interpreter) -> None:
         with self._lock:
+            if slot.interpreter is not it:
+                return  # posted to an interpreter since lost and replaced: its calls moved on
             if not slot.queue:
                 return  # cancelled by shutdown(cancel_futures=True)
             item = slot.queue.popleft()
@@ -294,7 +355,6 @@ class InterpreterPool(Executor):
             if not item.future.set_running_or_notify_cancel():
                 return
             meter = slot.meter
-            it = slot.interpreter
             meter.begin(time.monotonic())
             slot.current = (item.future, it.call_id + 1)
             try:
@@ -338,6 +398,20 @@ def _release(slot: _Slot) -> None:
     else:
         it.stop()
     slot.released.set()
+
+
+def _call_on(it: Interpreter, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    """`fn(*args, **kwargs)` run in `it` by its owner thread, waited for (before `it` takes a pool's calls)."""
+    future: Future = Future()
+
+    def job() -> None:
+        try:
+            future.set_result(it.call(fn, args, kwargs))
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            future.set_exception(exc)
+
+    it.post(job)
+    return future.result()
 
 
 def _fail(future: Future, exc: BaseException) -> None:

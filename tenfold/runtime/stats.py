@@ -19,6 +19,7 @@ class InterpreterStats:
     queue_depth: int
     utilization: float
     lost: bool = False
+    replaced: int = 0  # interpreters started in this place after the one before was lost
 
 
 @dataclass(frozen=True)
@@ -57,11 +58,16 @@ class PoolStats:
     def healthy(self) -> int:
         return sum(not i.lost for i in self.interpreters)
 
+    @property
+    def replaced(self) -> int:
+        return sum(i.replaced for i in self.interpreters)
+
     def as_dict(self) -> dict:
         return {
             "backend": self.backend,
             "size": self.size,
             "healthy": self.healthy,
+            "replaced": self.replaced,
             "calls": self.calls,
             "errors": self.errors,
             "busy_s": self.busy_s,

@@ -181,8 +181,10 @@ def test_queue_past_max_queued_requests_is_a_503_with_retry_after(serve_session,
 
 def test_a_call_stuck_in_native_code_loses_its_interpreter_and_the_replica_is_replaced(serve_session,
                                                                                         archives) -> None:
+    # Without replacement (or once the process has no room for another interpreter) the replica dies
+    # with its last interpreter; replacement in place has its own test (test_durability.py).
     args = {"archive": str(archives["native_sleep"]), "interpreters": 2, "request_timeout_s": TIMEOUT_S,
-            "health_check_period_s": 1.0, "health_check_timeout_s": 10.0}
+            "health_check_period_s": 1.0, "health_check_timeout_s": 10.0, "replace_lost_interpreters": False}
     stuck = [[models.SLEEP, 15.0, 0, 0]]  # bounded: the sleeping threads end on their own
     with deployed(serve_session, "native", args) as url:
         pid = stats(url)["pid"]

@@ -222,7 +222,7 @@ def test_deploy_refuses_a_wrong_pin_a_missing_file_and_an_unpinned_archive(probe
     with pytest.raises(DeployError) as info:
         app_builder({"archive": str(probe_archive), "sha256": "0" * 64})
     assert str(probe_archive) in str(info.value) and actual in str(info.value) and "0" * 64 in str(info.value)
-    with pytest.raises(DeployError, match="not found"):
+    with pytest.raises(DeployError, match="missing.pt: no such file; package a model"):
         app_builder({"archive": str(probe_archive.with_name("missing.pt"))})
     with pytest.raises(ValidationError, match="require_sha256 is set but no sha256 is pinned"):
         app_builder({"archive": str(probe_archive), "require_sha256": True})
