@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from support import TESTS, free_port
+from support import TEST_AWS_ENV, TESTS, free_port
 
 # Replicas report autoscaling figures every 10 s by default: too slow for a test. Ray's processes
 # inherit this environment, so it is set before the session's Ray starts.
@@ -23,6 +23,7 @@ _RAY_ENV = {
     "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
     "RAY_DEDUP_LOGS": "0",
     "HF_HUB_OFFLINE": "1",  # replicas load Hugging Face code: nothing may be fetched from a hub
+    **TEST_AWS_ENV,  # replicas fetch archives from the tests' S3-compatible server
 }
 
 

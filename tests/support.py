@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -10,7 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -79,3 +80,71 @@ def running_replicas(app: str, deployment: str) -> int:
     if status is None or deployment not in status.deployments:
         return 0
     return int(status.deployments[deployment].replica_states.get("RUNNING", 0))
+
+
+@contextlib.contextmanager
+def serve_directory(directory: Path) -> Iterator[str]:
+    """The files of `directory` over HTTP on loopback (a stdlib server in a thread); yields its base URL."""
+    import functools
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             functools.partial(Quiet, directory=str(directory)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+#: Credentials the S3-compatible test server takes (it checks none); Ray's processes get them too.
+TEST_AWS_ENV = {"AWS_ACCESS_KEY_ID": "tenfold-test", "AWS_SECRET_ACCESS_KEY": "tenfold-test-secret",
+                "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+@contextlib.contextmanager
+def s3_server(bucket: str = "models") -> Iterator[Callable[[Path, str], str]]:
+    """moto's S3-compatible server on loopback with `bucket`; yields upload(path, key) -> the s3:// URI, and
+    sets AWS_ENDPOINT_URL_S3 for this process while it runs."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                              aws_access_key_id=TEST_AWS_ENV["AWS_ACCESS_KEY_ID"],
+                              aws_secret_access_key=TEST_AWS_ENV["AWS_SECRET_ACCESS_KEY"])
+        client.create_bucket(Bucket=bucket)
+
+        def upload(path: Path, key: str) -> str:
+            client.upload_file(str(path), bucket, key)
+            return f"s3://{bucket}/{key}"
+
+        upload.endpoint = endpoint  # type: ignore[attr-defined]
+        yield upload
+    finally:
+        server.stop()
+
+
+def plasma_usage() -> tuple[int, int]:
+    """(MiB, objects) in the object stores of the Ray this process is connected to."""
+    import re
+
+    import ray
+    from ray._private.internal_api import memory_summary
+
+    text = memory_summary(address=ray.get_runtime_context().gcs_address, stats_only=True)
+    found = re.search(r"Plasma memory usage (\d+) MiB, (\d+) objects", text)
+    assert found, text
+    return int(found.group(1)), int(found.group(2))
