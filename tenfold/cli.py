@@ -168,11 +168,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interpreters", type=_interpreters, default=4)
     p.set_defaults(handler=_bench("packaging"))
 
-    p = bench.add_parser("serve", help="HTTP throughput, latency and memory: 1x2 interpreters vs 2x1 processes")
+    p = bench.add_parser(
+        "serve", help="memory, ready time and HTTP throughput: 1 replica x N interpreters vs N plain replicas",
+        description="Deploy each example as tenfold (1 replica x N interpreters), plain Serve with memory-mapped "
+        "weights (N replicas), plain Serve with private weights and the threads backend; measure the memory each "
+        "adds to the machine, ready and scale-up times, then throughput and latency in interleaved rounds; write "
+        "serve.json and serve.png.",
+    )
     p.add_argument("--models", default="rnn_tagger,resnet,minilm_embedder",
                    help="examples (or archives) to serve, comma-separated")
-    p.add_argument("--setups", default="tenfold,plain,threads", help="which of tenfold, plain, threads to run")
-    p.add_argument("--rounds", type=_positive(int), default=10, help="interleaved rounds of load per set-up")
+    p.add_argument("--cost-models", default="wide_mlp,rnn_tagger,resnet,minilm_embedder",
+                   help="examples (or archives) whose cost to measure (default: these four)")
+    p.add_argument("--sizes", type=_sizes, default=[2, 4], help="N for the cost (default 2,4)")
+    p.add_argument("--setups", default="tenfold,plain-mmap,plain-private,threads",
+                   help="which of tenfold, plain-mmap, plain-private, threads to run")
+    p.add_argument("--rounds", type=int, default=10, help="interleaved rounds of load per set-up (0: cost only)")
     p.add_argument("--seconds", type=_positive(float), default=6.0, help="measured load per set-up and round")
     p.add_argument("--warmup-s", type=_positive(float), default=3.0, help="load before measuring")
     p.add_argument("--concurrency", type=_positive(int), default=8, help="requests outstanding at once")

@@ -7,6 +7,7 @@ the buffer alive until `close()` has dropped the model from every interpreter: t
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import uuid
 from collections.abc import Callable
@@ -140,7 +141,8 @@ class ReplicatedModel:
             self._closed = True
         try:
             self._pool.remove_setup(self._setup)
-            self._pool.broadcast(_drop, self._id)
+            with contextlib.suppress(RuntimeError):  # the pool was shut down first: nothing left to drop from
+                self._pool.broadcast(_drop, self._id)
         finally:
             with _host_lock:
                 _host_buffers.pop(self._id, None)
