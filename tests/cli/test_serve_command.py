@@ -1,51 +1,88 @@
-"""`tenfold serve`: serves an archive, prints how to call it, and stops cleanly on Ctrl-C."""
+"""`tenfold serve` and `./dev serve`: serve, print how to call the model (curl and a Python handle snippet,
+both of which work as printed), and stop cleanly on Ctrl-C."""
 
 from __future__ import annotations
 
+import json
+import shlex
 import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import requests
-from support import free_port, run_python, stop_with_ctrl_c, subprocess_env
+from support import ROOT, free_port, run_python, stop_with_ctrl_c, subprocess_env
 
 pytestmark = pytest.mark.ray
 
 
-def test_tenfold_serve_serves_an_archive_prints_how_to_call_it_and_stops_on_ctrl_c(probe_archive: Path,
-                                                                                 tmp_path: Path) -> None:
-    port = free_port()
-    archive = tmp_path / "probe.pt"
-    archive.write_bytes(probe_archive.read_bytes())
-    log_path = tmp_path / "tenfold-serve.log"
+@contextmanager
+def serving(command: list[str], cwd: Path, log_path: Path) -> Iterator[str]:
+    """Run `command` until it prints that it serves; yield what it printed; then Ctrl-C it, which must stop it
+    cleanly (exit 0, Serve and Ray shut down)."""
     log = log_path.open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "tenfold", "serve", str(archive), "--interpreters", "1",
-                             "--port", str(port)], cwd=tmp_path, env=subprocess_env(), stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(command, cwd=cwd, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     try:
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + 300
         while "Ctrl-C stops serving" not in log_path.read_text() and proc.poll() is None:
             assert time.monotonic() < deadline, log_path.read_text()[-3000:]
             time.sleep(1.0)
-        printed = log_path.read_text()
-        assert proc.poll() is None, printed[-3000:]
-        request_file = tmp_path / "probe.request.json"  # the body the printed curl command sends
-        body = request_file.read_text()
-        assert f"-d '{body}'" in printed and "(x: float32[?, 4], k: int64[?])" in printed
-        r = requests.post(f"http://127.0.0.1:{port}/", data=body, headers={"Content-Type": "application/json"},
-                          timeout=30)
-        assert r.status_code == 200, r.text
-        assert [len(o) for o in r.json()["outputs"]] == [1, 1]  # the printed request is one valid row
-        prefix, snippet = printed.split(f"{sys.executable} - <<'PY'\n", 1)
-        snippet = snippet.split("\n  PY\n", 1)[0]
-        env = dict(kv.split("=", 1) for kv in prefix.rsplit("\n", 1)[-1].split())  # e.g. RAY_AUTH_MODE=token
-        handle = run_python(textwrap.dedent(snippet), env=subprocess_env(**env), timeout=120)
-        assert handle.returncode == 0, handle.stderr[-3000:]
-        assert handle.stdout.strip().startswith("(tensor(") and "tensor([0])" in handle.stdout  # (y, 2 * k)
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+        yield log_path.read_text()
     finally:
         code = stop_with_ctrl_c(proc, log)
     assert code == 0, log_path.read_text()[-3000:]
     assert "stopping: draining replicas" in log_path.read_text()
+
+
+def curl(printed: str) -> requests.Response:
+    """The printed `curl -s -X POST ...` call, sent as printed (its body inline or from its file)."""
+    line = next(x for x in printed.splitlines() if "curl -s -X POST" in x)
+    words = shlex.split(line)
+    url, data = words[words.index("-X") + 2], words[words.index("-d") + 1]
+    body = Path(data[1:]).read_bytes() if data.startswith("@") else data.encode()
+    return requests.post(url, data=body, headers={"Content-Type": "application/json"}, timeout=60)
+
+
+def run_snippet(printed: str) -> subprocess.CompletedProcess[str]:
+    """The printed Python handle snippet, run as printed (with the environment it is prefixed with)."""
+    prefix, snippet = printed.split(f"{sys.executable} - <<'PY'\n", 1)
+    snippet = snippet.split("\n  PY\n", 1)[0]
+    env = dict(kv.split("=", 1) for kv in prefix.rsplit("\n", 1)[-1].split())  # e.g. RAY_AUTH_MODE=token
+    return run_python(textwrap.dedent(snippet), env=subprocess_env(**env), timeout=120)
+
+
+def test_tenfold_serve_serves_an_archive_prints_how_to_call_it_and_stops_on_ctrl_c(probe_archive: Path,
+                                                                                 tmp_path: Path) -> None:
+    archive = tmp_path / "probe.pt"
+    archive.write_bytes(probe_archive.read_bytes())
+    command = [sys.executable, "-m", "tenfold", "serve", str(archive), "--interpreters", "1",
+               "--port", str(free_port())]
+    with serving(command, tmp_path, tmp_path / "serve.log") as printed:
+        assert "(x: float32[?, 4], k: int64[?])" in printed
+        r = curl(printed)
+        assert r.status_code == 200, r.text
+        assert [len(o) for o in r.json()["outputs"]] == [1, 1]  # the printed request is one valid row
+        handle = run_snippet(printed)
+        assert handle.returncode == 0, handle.stderr[-3000:]
+        assert handle.stdout.strip().startswith("(tensor(") and "tensor([0])" in handle.stdout  # (y, 2 * k)
+
+
+def test_dev_serve_with_its_defaults_serves_the_embedder_answering_text(tmp_path: Path) -> None:
+    with serving([str(ROOT / "dev"), "serve", "--port", str(free_port())], ROOT, tmp_path / "dev.log") as printed:
+        assert "tenfold is serving 'minilm_embedder'" in printed
+        assert "(texts: list[str]) -> list[list[float]]" in printed
+        r = curl(printed)
+        assert r.status_code == 200, r.text
+        embeddings = r.json()["outputs"]  # one per text of the example request
+        assert len(embeddings) == 2 and all(len(e) == 384 for e in embeddings)
+        assert all(abs(sum(v * v for v in e) - 1.0) < 1e-4 for e in embeddings)  # normalised
+        handle = run_snippet(printed)
+        assert handle.returncode == 0, handle.stderr[-3000:]
+        got = json.loads(handle.stdout.strip().splitlines()[-1])
+        assert [v for e in got for v in e] == pytest.approx([v for e in embeddings for v in e], abs=1e-6)
