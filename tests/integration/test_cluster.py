@@ -2,7 +2,7 @@
 that exits before its replica restarts.
 
 The first two need a Ray of their own, so each runs in a subprocess (the session fixture's Ray stays
-untouched); the deployer is a subprocess connected to the session's Ray.
+untouched); the deployer is a task of the session's Ray whose worker process exits once it is done.
 """
 
 from __future__ import annotations
@@ -86,37 +86,18 @@ def test_serve_run_of_a_yaml_config_answers_http(probe_archive: Path, tmp_path: 
     assert code == 0, (tmp_path / "serve.log").read_text()[-3000:]
 
 
-DEPLOY_AND_EXIT = """
-import sys
-from pathlib import Path
-
-import ray
-from ray import serve
-
-from tenfold.integration import app_builder
-
-address, archive = sys.argv[1], Path(sys.argv[2])
-ray.init(address=address, namespace="tenfold-tests", log_to_driver=False)
-serve.run(app_builder({"archive": str(archive), "name": "orphan", "interpreters": 1, "num_cpus": 0.25}),
-          name="orphan", route_prefix="/orphan")
-archive.unlink()  # from here on the archive exists only in the object store
-print("deployed", flush=True)
-"""
-
-
 def test_a_replica_that_starts_after_its_deployer_exited_still_gets_the_archive(serve_session, probe_archive: Path,
                                                                                  tmp_path: Path) -> None:
     import ray
     from ray import serve
+    from testmodels.serve_callers import deploy_and_exit
 
     archive = tmp_path / "orphan.pt"
     archive.write_bytes(probe_archive.read_bytes())
-    address = ray.get_runtime_context().gcs_address
     try:
-        done = subprocess.run([sys.executable, "-c", DEPLOY_AND_EXIT, address, str(archive)], capture_output=True,
-                              text=True, timeout=300, env=subprocess_env())
-        assert done.returncode == 0 and done.stdout.splitlines()[-1:] == ["deployed"], done.stderr[-3000:]
+        deployer = ray.get(deploy_and_exit.remote(str(archive), "orphan"), timeout=300)
         assert not archive.exists()
+        wait_for(lambda: not _alive(deployer), 60, "the deployer's process to exit")
         url = f"{serve_session.url}/orphan"
         old = requests.get(f"{url}/-/stats", timeout=30).json()["pid"]
         # The deployer is gone; its replica dies and Serve starts another, which must resolve the archive again.
@@ -131,6 +112,14 @@ def test_a_replica_that_starts_after_its_deployer_exited_still_gets_the_archive(
         assert r.json()["outputs"][1] == want_k
     finally:
         serve.delete("orphan")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def _pid_or_none(url: str) -> int | None:
