@@ -1,4 +1,4 @@
-"""Fuzzed requests to a real replica (issue 5, item 4): malformed JSON, wrong types, NaN and infinities,
+"""Fuzzed requests to a real replica: malformed JSON, wrong types, NaN and infinities,
 huge and empty arrays, wrong Arrow schemas and random bytes, with each content type.
 
 Every answer must be a 4xx with a JSON error body, or a 200 where the input is valid; a valid request

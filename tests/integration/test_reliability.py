@@ -78,7 +78,7 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-# -- 1. hung calls -------------------------------------------------------------------------------
+# -- hung and lost calls -------------------------------------------------------------------------
 
 
 def test_replicated_model_interrupt_cancels_a_queued_call_and_stops_a_running_loop(archives) -> None:
@@ -251,7 +251,7 @@ def test_interpreters_stuck_but_not_lost_fail_the_health_check_and_serve_replace
         assert all(f.result().status_code >= 500 for f in stuck)  # the stuck calls died with their replica
 
 
-# -- 2. crashes and shutdown ---------------------------------------------------------------------
+# -- crashes and shutdown ------------------------------------------------------------------------
 
 
 def test_a_segfault_takes_the_replica_down_and_serve_restarts_it(serve_session, archives) -> None:
@@ -272,7 +272,7 @@ def test_a_segfault_takes_the_replica_down_and_serve_restarts_it(serve_session, 
         recovery = time.monotonic() - t0
         print(f"\ncrash: in-flight answers {[r.status_code for r in answers]}; serving again {recovery:.1f} s "
               "after the segfault")
-        # The figure is < 30 s on this machine when it is not shared; on a 2-core machine under a
+        # The figure tenfold aims at is < 30 s on this machine when it is not shared; on a 2-core machine under a
         # load of 15-20 from other jobs, a restart (new worker, torch import, 2 interpreters) took up to 34 s.
         assert recovery < 45.0, f"recovery took {recovery:.1f} s"
         assert stats(url)["pid"] != pid
@@ -341,7 +341,7 @@ def test_scale_down_and_delete_drain_and_exit_without_a_crash(serve_session, arc
     assert_clean_exit(last)
 
 
-# -- 3. limits -----------------------------------------------------------------------------------
+# -- limits --------------------------------------------------------------------------------------
 
 
 def test_an_oversized_body_is_a_413_before_it_is_parsed(hang_app: str) -> None:

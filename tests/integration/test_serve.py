@@ -1,4 +1,4 @@
-"""tenfold.integration on a real local Ray Serve: HTTP (JSON, Arrow), handles, errors, batching, autoscaling."""
+"""tenfold.integration on a real local Ray Serve: HTTP (JSON, Arrow), handles, errors, batching, metrics."""
 
 from __future__ import annotations
 
