@@ -1,4 +1,5 @@
-"""tenfold.integration on a real local Ray Serve: HTTP (JSON, Arrow), handles, errors, batching, metrics."""
+"""tenfold.integration on a real local Ray Serve: HTTP (JSON, Arrow), handles, errors, deploy-time checks,
+batching, autoscaling and metrics."""
 
 from __future__ import annotations
 
