@@ -67,6 +67,7 @@ def test_two_calls_on_an_idle_pool_of_two_run_on_different_interpreters(pool):
 
 
 def test_broadcast_runs_once_in_every_interpreter_in_order(pool):
+    pool.broadcast(funcs.echo, None)  # returns once every call queued before it is done
     before = [i.calls for i in pool.stats().interpreters]
     idents = pool.broadcast(funcs.slow_where, 0.0)
     after = [i.calls for i in pool.stats().interpreters]
@@ -289,6 +290,9 @@ def test_map_is_lazy_in_order_and_honours_timeout(pool):
     results = pool.map(funcs.slow_where, [1.0, 1.0, 1.0], timeout=0.3)
     with pytest.raises(cf.TimeoutError):
         list(results)
+    # The calls already running go on past the timeout: wait for them (a broadcast queues behind them), so
+    # that the next test finds an idle pool.
+    pool.broadcast(funcs.echo, None)
 
 
 def test_shutdown_with_cancel_futures_cancels_what_is_queued():
@@ -521,6 +525,18 @@ def test_the_cap_of_15_interpreters_holds_across_live_pools_and_parked_ones_coun
 
 
 
+def _signal_state(pid: int) -> str:
+    lines = []
+    for tid in sorted(os.listdir(f"/proc/{pid}/task"), key=int):
+        with open(f"/proc/{pid}/task/{tid}/status") as f:
+            status = dict(line.split(":", 1) for line in f if ":" in line)
+        with open(f"/proc/{pid}/task/{tid}/wchan") as f:
+            wchan = f.read()
+        lines.append(f"{tid} {status['Name'].strip()} blocked={status['SigBlk'].strip()} "
+                     f"ignored={status['SigIgn'].strip()} caught={status['SigCgt'].strip()} in {wchan}")
+    return "\n".join(lines)
+
+
 def test_ctrl_c_still_interrupts_the_host():
     code = textwrap.dedent(
         """
@@ -542,7 +558,10 @@ def test_ctrl_c_still_interrupts_the_host():
         assert proc.stdout.readline().strip() == "ready"
         time.sleep(0.3)
         proc.send_signal(2)
-        out, _ = proc.communicate(timeout=30)
+        try:
+            out, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"no exit 30 s after Ctrl-C; the child's signal state and threads:\n{_signal_state(proc.pid)}")
     finally:
         proc.kill()  # never leave a spinning interpreter behind, whatever failed
         proc.wait()
