@@ -78,10 +78,12 @@ def test_broadcast_runs_once_in_every_interpreter_in_order(pool):
 # -- one GIL per interpreter -----------------------------------------------------------------------
 
 
-def _calls_that_ran_while_one_interpreter_held_its_gil(pool, hold_ms: int, calls: int = 20) -> tuple[list, object]:
-    """One interpreter blocks in native code that keeps its GIL (poll() through a PyDLL handle); meanwhile
-    `calls` calls go one after another to the pool. For each: did it run while the holder was inside that
-    native call? Returns those answers and the holder's future, still to be released by a byte."""
+def _calls_that_ran_while_one_interpreter_held_its_gil(pool, hold_ms: int,
+                                                       calls: int = 20) -> tuple[list[bool], bool, bool]:
+    """One interpreter blocks in native code that keeps its GIL (poll() through a PyDLL handle, for at most
+    `hold_ms`); meanwhile `calls` calls go one after another to the pool. Returns, for each call, whether it
+    ran while the holder was inside that native call; whether the holder was still there once they were all
+    done; and whether the byte written after them (not the timeout) ended its wait."""
     state = (ctypes.c_long * 2)()
     r, w = os.pipe()
     holder = pool.submit(funcs.hold_gil_in_poll, r, hold_ms, ctypes.addressof(state))
