@@ -1,11 +1,15 @@
-"""tenfold.integration beyond the session's Ray: a 2-node cluster, and `serve run` of a YAML config.
+"""tenfold.integration beyond one driver: a 2-node cluster, `serve run` of a YAML config, and a deployer
+that exits before its replica restarts.
 
-Both need a Ray of their own, so each runs in a subprocess (the session fixture's Ray stays untouched).
+The first two need a Ray of their own, so each runs in a subprocess (the session fixture's Ray stays
+untouched); the deployer is a task of the session's Ray whose worker process exits once it is done.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -15,7 +19,7 @@ import numpy as np
 import pytest
 import requests
 import torch
-from support import free_port, stop_with_ctrl_c, subprocess_env
+from support import free_port, running_replicas, stop_with_ctrl_c, subprocess_env, wait_for
 from testmodels import serve_models
 
 HERE = Path(__file__).resolve().parent
@@ -80,3 +84,47 @@ def test_serve_run_of_a_yaml_config_answers_http(probe_archive: Path, tmp_path: 
     finally:
         code = stop_with_ctrl_c(proc, log)  # serve run shuts Serve and its Ray down
     assert code == 0, (tmp_path / "serve.log").read_text()[-3000:]
+
+
+def test_a_replica_that_starts_after_its_deployer_exited_still_gets_the_archive(serve_session, probe_archive: Path,
+                                                                                 tmp_path: Path) -> None:
+    import ray
+    from ray import serve
+    from testmodels.serve_callers import deploy_and_exit
+
+    archive = tmp_path / "orphan.pt"
+    archive.write_bytes(probe_archive.read_bytes())
+    try:
+        deployer = ray.get(deploy_and_exit.remote(str(archive), "orphan"), timeout=300)
+        assert not archive.exists()
+        wait_for(lambda: not _alive(deployer), 60, "the deployer's process to exit")
+        url = f"{serve_session.url}/orphan"
+        old = requests.get(f"{url}/-/stats", timeout=30).json()["pid"]
+        # The deployer is gone; its replica dies and Serve starts another, which must resolve the archive again.
+        os.kill(old, signal.SIGKILL)
+        wait_for(lambda: _pid_or_none(url) not in (None, old), 120, "a new replica answering")
+        assert running_replicas("orphan", "orphan") == 1
+        x, k = torch.tensor([[1.0, 2.0, 3.0, 4.0]]), torch.tensor([3])
+        r = requests.post(url, json={"inputs": [x.tolist(), k.tolist()]}, timeout=30)
+        assert r.status_code == 200, r.text
+        want_y, want_k = _expected(x, k)
+        np.testing.assert_allclose(np.array(r.json()["outputs"][0]), np.array(want_y), rtol=1e-6)
+        assert r.json()["outputs"][1] == want_k
+    finally:
+        serve.delete("orphan")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _pid_or_none(url: str) -> int | None:
+    try:
+        r = requests.get(f"{url}/-/stats", timeout=10)
+    except requests.RequestException:
+        return None
+    return r.json()["pid"] if r.status_code == 200 else None

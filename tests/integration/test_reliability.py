@@ -1,8 +1,8 @@
-"""Serving that survives load, faults and bad input (issue 5), on a real local Ray Serve over HTTP.
+"""Serving that survives load and faults, on a real local Ray Serve over HTTP.
 
-Hung calls (a Python loop, a native sleep), a segfaulting model, request limits, archive trust, a
-clean replica shutdown (its log checked for crashes) and a short soak. Each application is deleted
-when its test ends, also on failure.
+Hung calls (a Python loop, a native sleep), interpreters lost or stuck, failed health checks, a
+segfaulting model, request limits and a clean replica shutdown (its log checked for crashes). Each
+application is deleted when its test ends, also on failure. The soak is in tests/bench/test_soak.py.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-# -- 1. hung calls -------------------------------------------------------------------------------
+# -- hung and lost calls -------------------------------------------------------------------------
 
 
 def test_replicated_model_interrupt_cancels_a_queued_call_and_stops_a_running_loop(archives) -> None:
@@ -137,20 +137,19 @@ def hang_app(serve_session, archives) -> Iterator[str]:  # noqa: ANN001
 def test_a_python_loop_answers_504_and_its_interpreter_serves_again(hang_app: str) -> None:
     url = hang_app
     assert_healthy_answer(post(url, X))
+    errors = stats(url)["errors"]
     t0 = time.monotonic()
     r = post(url, [[models.HANG, 0, 0, 0]])
-    answered = time.monotonic()
+    answered = time.monotonic() - t0
     assert r.status_code == 504, r.text
-    assert r.json()["error"]["type"] == "Timeout"
-    assert answered - t0 < TIMEOUT_S + 0.5, f"504 after {answered - t0:.2f} s"
+    error = r.json()["error"]
+    assert error["type"] == "Timeout" and f"request_timeout_s ({TIMEOUT_S:g} s)" in error["message"], error
+    assert TIMEOUT_S <= answered < TIMEOUT_S + 1.0, f"504 after {answered:.2f} s"
+    # One interpreter: this answer needs the loop stopped inside it (it would spin forever otherwise).
     assert_healthy_answer(post(url, X))
-    served_again = time.monotonic() - answered
-    assert served_again < 1.0, f"the interpreter served again {served_again:.2f} s after the 504"
-    print(f"\nhang: 504 after {answered - t0:.3f} s (timeout {TIMEOUT_S} s); served again {served_again:.3f} s "
-          "after the 504")
     s = stats(url)
     assert s["healthy"] == 1 and s["interpreters"][0]["lost"] is False
-    assert s["errors"] == 1  # the interrupted call, and nothing else
+    assert s["errors"] == errors + 1  # the interrupted call failed with TimeoutError in its interpreter
 
 
 def test_queue_past_max_queued_requests_is_a_503_with_retry_after(serve_session, archives) -> None:
@@ -208,7 +207,53 @@ def test_a_call_stuck_in_native_code_loses_its_interpreter_and_the_replica_is_re
         assert_healthy_answer(post(url, X))
 
 
-# -- 2. crashes and shutdown ---------------------------------------------------------------------
+def test_with_every_interpreter_lost_a_request_is_a_503_with_retry_after(serve_session, archives) -> None:
+    # Health checks far apart: the replica stays, without an interpreter, for the requests below.
+    args = {"archive": str(archives["native_sleep"]), "interpreters": 1, "request_timeout_s": TIMEOUT_S,
+            "interrupt_grace_s": 0.5, "health_check_period_s": 120.0, "health_check_timeout_s": 60.0}
+    with deployed(serve_session, "lost", args) as url:
+        pid = stats(url)["pid"]
+        assert post(url, [[models.SLEEP, 8.0, 0, 0]]).status_code == 504  # bounded: the sleep ends by itself
+        wait_for(lambda: stats(url)["healthy"] == 0, 10, "the interpreter marked lost")
+        for _ in range(2):
+            r = post(url, X)
+            assert r.status_code == 503, r.text
+            assert r.json()["error"]["type"] == "Unavailable" and "every interpreter" in r.json()["error"]["message"]
+            assert int(r.headers["Retry-After"]) >= 1, r.headers
+        assert stats(url)["pid"] == pid  # the same replica answered: refused, not restarted
+
+
+def test_interpreters_stuck_but_not_lost_fail_the_health_check_and_serve_replaces_the_replica(serve_session,
+                                                                                             archives) -> None:
+    from ray import serve
+
+    # No request timeout: nothing interrupts the calls, so no interpreter is ever marked lost.
+    args = {"archive": str(archives["native_sleep"]), "interpreters": 2, "request_timeout_s": None,
+            "health_check_period_s": 1.0, "health_check_timeout_s": 10.0}
+    with deployed(serve_session, "stuck", args) as url, ThreadPoolExecutor(2) as clients:
+        pid = stats(url)["pid"]
+        assert_healthy_answer(post(url, X))
+        stuck = [clients.submit(post, url, [[models.SLEEP, 60.0, 0, 0]], 120) for _ in range(2)]
+        # Called as Serve calls it. A check passes while calls still complete (the stuck ones may not have
+        # started yet), and fails once its pings queue behind calls that make no progress.
+        handle = serve.get_app_handle("stuck")
+        with pytest.raises(Exception, match="answered no ping within 5 s and completed no call") as info:
+            for _ in range(4):
+                handle.check_health.remote().result(timeout_s=30)
+        assert "RuntimeError" in str(info.value)
+        s = stats(url)
+        assert s["pid"] == pid and s["healthy"] == 2 and not any(i["lost"] for i in s["interpreters"])
+        assert all(i["queue_depth"] >= 2 for i in s["interpreters"]), s  # a stuck call, a ping queued behind it
+        t0 = time.monotonic()
+        wait_for(lambda: stats(url)["pid"] != pid, 90, "a new replica in place of the stuck one")
+        print(f"\nstuck: replica replaced {time.monotonic() - t0:.1f} s after the failed check")
+        assert_healthy_answer(post(url, X))
+        s = stats(url)
+        assert s["healthy"] == 2 and s["queue_depth"] == 0
+        assert all(f.result().status_code >= 500 for f in stuck)  # the stuck calls died with their replica
+
+
+# -- crashes and shutdown ------------------------------------------------------------------------
 
 
 def test_a_segfault_takes_the_replica_down_and_serve_restarts_it(serve_session, archives) -> None:
@@ -229,7 +274,7 @@ def test_a_segfault_takes_the_replica_down_and_serve_restarts_it(serve_session, 
         recovery = time.monotonic() - t0
         print(f"\ncrash: in-flight answers {[r.status_code for r in answers]}; serving again {recovery:.1f} s "
               "after the segfault")
-        # The issue's figure is < 30 s on this machine when it is not shared; on a 2-core machine under a
+        # The figure tenfold aims at is < 30 s on this machine when it is not shared; on a 2-core machine under a
         # load of 15-20 from other jobs, a restart (new worker, torch import, 2 interpreters) took up to 34 s.
         assert recovery < 45.0, f"recovery took {recovery:.1f} s"
         assert stats(url)["pid"] != pid
@@ -298,7 +343,7 @@ def test_scale_down_and_delete_drain_and_exit_without_a_crash(serve_session, arc
     assert_clean_exit(last)
 
 
-# -- 3. limits -----------------------------------------------------------------------------------
+# -- limits --------------------------------------------------------------------------------------
 
 
 def test_an_oversized_body_is_a_413_before_it_is_parsed(hang_app: str) -> None:
@@ -314,70 +359,3 @@ def test_an_oversized_body_is_a_413_before_it_is_parsed(hang_app: str) -> None:
     r = requests.post(url, data=b"\xff" * limit, headers={"Content-Type": codec.JSON_TYPE}, timeout=30)
     assert r.status_code == 400  # at the limit: parsed, and refused as what it is
     assert_healthy_answer(post(url, X))
-
-
-# -- 6. archive trust ----------------------------------------------------------------------------
-
-
-def test_require_sha256_refuses_an_unpinned_archive_and_a_wrong_pin_names_both_digests(archives) -> None:
-    from pydantic import ValidationError
-
-    from tenfold.integration import DeployError, app_builder
-    from tenfold.packaging import archive_sha256
-
-    path = archives["healthy"]
-    with pytest.raises(ValidationError, match="require_sha256 is set but no sha256 is pinned") as info:
-        app_builder({"archive": str(path), "require_sha256": True})
-    assert str(path) in str(info.value)
-    wrong = "ab" * 32
-    with pytest.raises(DeployError) as info:
-        app_builder({"archive": str(path), "sha256": wrong, "require_sha256": True})
-    message = str(info.value)
-    assert str(path) in message and wrong in message and archive_sha256(path) in message, message
-
-
-def test_bench_soak_is_a_tenfold_command_with_bounded_parameters() -> None:
-    from tenfold.bench import soak
-    from tenfold.cli import build_parser
-
-    args = build_parser().parse_args(["bench", "soak", "--requests", "5000", "--concurrency", "3",
-                                      "--sample-every", "500"])
-    assert (args.requests, args.concurrency, args.sample_every, args.interpreters) == (5000, 3, 500, 2)
-    with pytest.raises(ValueError, match="at least 1"):
-        soak.run_soak("http://127.0.0.1:9/", soak.bodies_for([np.zeros((1, 4), np.float32)], ["x"]), requests=10,
-                      concurrency=0, sample_every=5, rss=lambda: 0)
-
-
-# -- 5. soak (short) -----------------------------------------------------------------------------
-
-
-def test_short_soak_has_no_errors_and_flat_rss(serve_session, archives, tmp_path: Path) -> None:
-    from tenfold.bench import common, soak
-    from tenfold.packaging import archive_sha256
-
-    path = archives["healthy"]
-    # Pinned and required: the trusted path deploys.
-    args = {"archive": str(path), "interpreters": 2, "sha256": archive_sha256(path), "require_sha256": True}
-    with deployed(serve_session, "soak", args) as url:
-        pid = soak.replica_pid(url)
-        x = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
-        bodies = soak.with_references(url, soak.bodies_for([x], ["x"]))
-        np.testing.assert_allclose(np.array(json_outputs(bodies[0].expected)), models.expected(x.tolist()), rtol=1e-5)
-        np.testing.assert_allclose(next(iter(codec.decode_arrow_outputs(bodies[1].expected).values())),
-                                   models.expected(x.tolist()), rtol=1e-5)
-        report = soak.run_soak(url, bodies, requests=2000, concurrency=4, sample_every=250, warmup_requests=750,
-                               rss=lambda: common.rss_bytes(pid))
-        print("\n" + report.table())
-        json_path, png_path = common.write_report(tmp_path, "soak", report.as_dict(), report.plot)
-        assert json_path.stat().st_size > 0 and png_path.read_bytes()[:4] == b"\x89PNG"
-        assert report.errors == 0, report.error_examples
-        assert len(report.samples) == 8 and report.samples[-1].requests == 2000
-        assert report.growth_per_request < soak.MAX_GROWTH_PER_REQUEST, report.table()
-        assert report.ok
-        assert stats(url)["pid"] == pid  # one replica served it all, never restarted
-
-
-def json_outputs(body: bytes) -> list:
-    import json
-
-    return json.loads(body)["outputs"][0]

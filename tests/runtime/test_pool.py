@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import ctypes
 import gc
+import json
 import os
 import subprocess
 import sys
@@ -14,14 +16,17 @@ import weakref
 
 import numpy as np
 import pytest
-from support import ROOT, run_python, subprocess_env
+from support import ROOT, run_python, subprocess_env, wait_for
 from testmodels import runtime_funcs as funcs
 
 from tenfold.runtime import (
+    BrokenInterpreterPool,
     InterpreterLost,
     InterpreterPool,
     RemoteTraceback,
+    _wire,
     interpreters_alive,
+    interpreters_parked,
     remote_traceback,
 )
 
@@ -62,11 +67,50 @@ def test_two_calls_on_an_idle_pool_of_two_run_on_different_interpreters(pool):
 
 
 def test_broadcast_runs_once_in_every_interpreter_in_order(pool):
+    pool.broadcast(funcs.echo, None)  # returns once every call queued before it is done
     before = [i.calls for i in pool.stats().interpreters]
     idents = pool.broadcast(funcs.slow_where, 0.0)
     after = [i.calls for i in pool.stats().interpreters]
     assert len(set(idents)) == 2
     assert [b - a for a, b in zip(before, after)] == [1, 1]
+
+
+# -- one GIL per interpreter -----------------------------------------------------------------------
+
+
+def _calls_that_ran_while_one_interpreter_held_its_gil(pool, hold_ms: int,
+                                                       calls: int = 20) -> tuple[list[bool], bool, bool]:
+    """One interpreter blocks in native code that keeps its GIL (poll() through a PyDLL handle, for at most
+    `hold_ms`); meanwhile `calls` calls go one after another to the pool. Returns, for each call, whether it
+    ran while the holder was inside that native call; whether the holder was still there once they were all
+    done; and whether the byte written after them (not the timeout) ended its wait."""
+    state = (ctypes.c_long * 2)()
+    r, w = os.pipe()
+    holder = pool.submit(funcs.hold_gil_in_poll, r, hold_ms, ctypes.addressof(state))
+    try:
+        # One at a time: the holder's interpreter has a call pending, so each goes to the other one.
+        seen = [pool.submit(funcs.saw_holder_in_native_code, ctypes.addressof(state)).result(timeout=60)
+                for _ in range(calls)]
+        still_holding = not holder.done()
+    finally:
+        os.write(w, b"x")
+        released = holder.result(timeout=60)
+        os.close(r)
+        os.close(w)
+    return seen, still_holding, released
+
+
+def test_while_one_interpreter_holds_its_gil_in_native_code_the_others_complete_calls(ns_pool):
+    seen, still_holding, released = _calls_that_ran_while_one_interpreter_held_its_gil(ns_pool, hold_ms=60_000)
+    assert seen == [True] * 20  # every call ran in the other interpreter while the first held its own GIL
+    assert still_holding and released  # the holder stayed in native code until it was released
+
+
+def test_on_the_threads_backend_no_call_runs_while_one_thread_holds_the_gil():
+    with InterpreterPool(2, backend="threads") as p:
+        seen, still_holding, released = _calls_that_ran_while_one_interpreter_held_its_gil(p, hold_ms=1_000)
+    assert seen == [False] * 20  # each waited until the holder returned
+    assert not released  # the holder's wait ended by its own timeout: nothing else could run to release it
 
 
 # -- correctness under concurrency -------------------------------------------------------------------
@@ -81,6 +125,78 @@ def test_many_concurrent_submitters_get_their_own_results(pool):
         results = list(clients.map(submitter, range(8)))
     for k, got in enumerate(results):
         assert got == [(k, i) for i in range(500)]
+
+
+# -- what crosses ----------------------------------------------------------------------------------
+
+
+def _payload_size(fn, *args) -> int:
+    data, _ = _wire.Encoder().dumps(_wire.request(fn, args, {}))
+    return len(data)
+
+
+def _bytes_pickling_to(size: int) -> bytes:
+    """Random bytes whose call `echo(data)` pickles to exactly `size` bytes."""
+    n = size
+    for _ in range(5):
+        n += size - _payload_size(funcs.echo, bytes(n))
+    data = os.urandom(n)
+    assert _payload_size(funcs.echo, data) == size
+    return data
+
+
+@pytest.mark.parametrize("over", [-1, 0, 1, 100, 4 * _wire.WINDOW_BYTES])
+def test_arguments_and_results_around_and_past_the_inline_window_cross_intact(ns_pool, over):
+    # The pickled call is `over` bytes past the window, and its result (the same bytes) about as large.
+    data = _bytes_pickling_to(_wire.WINDOW_BYTES + over)
+    assert ns_pool.submit(funcs.echo, data).result(timeout=30) == data
+    doc = {"text": "é" * (3 * _wire.WINDOW_BYTES), "rows": list(range(20_000)), "blob": data}
+    assert ns_pool.submit(funcs.echo, doc).result(timeout=30) == doc
+
+
+def test_keyword_arguments_reach_the_function_through_submit_and_broadcast(pool):
+    assert pool.submit(funcs.join, 1, sep="+").result(timeout=30) == "1+b"
+    assert pool.submit(funcs.join, a="x", b="y", sep="/").result(timeout=30) == "x/y"
+    assert pool.broadcast(funcs.join, "x", b="z", sep=":") == ["x:z", "x:z"]
+    with pytest.raises(TypeError, match="unexpected keyword argument 'nope'"):
+        pool.submit(funcs.join, 1, nope=2).result(timeout=30)
+
+
+def test_map_takes_positional_iterables_and_no_keyword_arguments_as_the_stdlib_executors_do(pool):
+    assert list(pool.map(funcs.join, "ab", "cd")) == ["a-c", "b-d"]
+    with cf.ThreadPoolExecutor(1) as stdlib, pytest.raises(TypeError, match="unexpected keyword argument 'sep'"):
+        stdlib.map(funcs.join, "ab", sep="+")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'sep'"):
+        pool.map(funcs.join, "ab", sep="+")
+
+
+def _tensors():
+    import torch
+
+    base = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    return {
+        "contiguous": (base.clone(), True),
+        "transposed": (base.clone().t(), False),
+        "sliced columns": (base.clone()[:, 1:3], False),
+        "requires_grad": (base.clone().requires_grad_(True), False),
+    }
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "transposed", "sliced columns", "requires_grad"])
+def test_tensors_that_cannot_be_shared_in_place_cross_as_copies(ns_pool, kind):
+    t, shared = _tensors()[kind]
+    before = t.detach().clone()
+    storage = t.untyped_storage()
+    ptr, requires_grad, contiguous, stride, values = ns_pool.submit(funcs.tensor_seen_inside, t, False).result()
+    assert values == before.tolist()
+    assert (requires_grad, contiguous) == (t.requires_grad, t.is_contiguous())
+    inside_host_storage = storage.data_ptr() <= ptr < storage.data_ptr() + storage.nbytes()
+    assert inside_host_storage is shared
+    ns_pool.submit(funcs.tensor_seen_inside, t, True).result()  # adds 1 in place, inside
+    assert t.detach().tolist() == ((before + 1) if shared else before).tolist()
+    back = ns_pool.submit(funcs.echo, t).result()
+    assert back.detach().tolist() == t.detach().tolist() and back.requires_grad == t.requires_grad
+    assert back.stride() == t.stride() or back.is_contiguous()
 
 
 # -- errors ----------------------------------------------------------------------------------------
@@ -111,6 +227,17 @@ def test_functions_that_cannot_travel_are_refused_with_the_reason(pool):
 
     with pytest.raises(TypeError, match="module level"):
         pool.submit(local).result(timeout=30)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_failing_initializer_breaks_the_pool_at_construction_with_its_cause(backend):
+    held = interpreters_alive() - interpreters_parked()
+    with pytest.raises(BrokenInterpreterPool, match="initializer .*fail.* failed: no model here") as info:
+        InterpreterPool(2, backend=backend, initializer=funcs.fail, initargs=("no model here",))
+    cause = info.value.__cause__
+    assert isinstance(cause, ValueError) and str(cause) == "no model here"
+    assert "in fail" in remote_traceback(cause)
+    assert interpreters_alive() - interpreters_parked() == held  # its interpreters were given back
 
 
 def test_size_must_be_positive():
@@ -165,16 +292,27 @@ def test_map_is_lazy_in_order_and_honours_timeout(pool):
     results = pool.map(funcs.slow_where, [1.0, 1.0, 1.0], timeout=0.3)
     with pytest.raises(cf.TimeoutError):
         list(results)
+    # The calls already running go on past the timeout: wait for them (a broadcast queues behind them), so
+    # that the next test finds an idle pool.
+    pool.broadcast(funcs.echo, None)
 
 
 def test_shutdown_with_cancel_futures_cancels_what_is_queued():
+    r, w = os.pipe()
     p = InterpreterPool(1)
-    running = p.submit(funcs.slow_where, 0.5)
-    queued = [p.submit(funcs.echo, i) for i in range(20)]
-    time.sleep(0.1)
-    p.shutdown(wait=True, cancel_futures=True)
-    assert running.result() is not None
-    assert all(f.cancelled() for f in queued)
+    try:
+        running = p.submit(funcs.read_byte, r)  # runs until the byte below is written
+        queued = [p.submit(funcs.echo, i) for i in range(20)]
+        wait_for(running.running, 30, "the first call to start")
+        p.shutdown(wait=False, cancel_futures=True)
+        assert all(f.cancelled() for f in queued)
+        assert not running.done()
+    finally:
+        os.write(w, b"x")
+        p.shutdown(wait=True)
+        os.close(r)
+        os.close(w)
+    assert running.result(timeout=30) == b"x"
 
 
 def test_no_reference_to_arguments_or_results_outlives_the_call(pool):
@@ -271,6 +409,35 @@ def test_a_call_stuck_in_native_code_loses_its_interpreter_and_the_rest_serve():
         time.sleep(3)  # let the sleeping call end before the pool is parked
 
 
+def test_calls_queued_on_a_lost_interpreter_complete_on_the_others():
+    stuck_r, stuck_w = os.pipe()
+    busy_r, busy_w = os.pipe()
+    with InterpreterPool(2, backend="namespaces") as p:
+        try:
+            start = [i.calls for i in p.stats().interpreters]
+            stuck = p.submit(funcs.read_byte, stuck_r)  # native code: an interrupt cannot stop it
+            busy = p.submit(funcs.read_byte, busy_r)
+            queued = [p.submit(funcs.echo, i) for i in range(6)]
+            wait_for(lambda: stuck.running() and busy.running(), 30, "both blocking calls to start")
+            depths = [i.queue_depth for i in p.stats().interpreters]
+            assert depths == [4, 4]  # each interpreter: its blocked call and 3 queued behind it
+            assert p.interrupt(stuck, grace_s=0.3) is False
+            lost = [i.lost for i in p.stats().interpreters]
+            assert lost.count(True) == 1
+            os.write(busy_w, b"x")  # the other interpreter goes on: its own 3, then the 3 moved to it
+            assert [f.result(timeout=30) for f in queued] == list(range(6))
+            assert busy.result(timeout=30) == b"x"
+            with pytest.raises(InterpreterLost):
+                stuck.result(timeout=1)
+            served = [i.calls - n for i, n in zip(p.stats().interpreters, start)]
+            assert served[lost.index(True)] == 0 and served[lost.index(False)] == 7
+        finally:
+            os.write(stuck_w, b"x")
+            for fd in (stuck_r, stuck_w, busy_r, busy_w):
+                os.close(fd)
+
+
+
 def test_stats_report_busy_time_queue_depth_and_utilization():
     with InterpreterPool(2, backend="namespaces", utilization_window_s=2.0) as p:
         futures = [p.submit(funcs.slow_where, 0.4) for _ in range(6)]
@@ -310,6 +477,68 @@ def test_a_process_using_a_pool_exits_cleanly(shutdown, host_torch):
     assert "double free" not in proc.stderr and "Segmentation" not in proc.stderr
 
 
+def test_a_pool_that_takes_parked_interpreters_finds_the_modules_and_state_the_last_one_left():
+    proc = run_python(
+        """
+        import json
+        from testmodels import runtime_funcs as funcs
+        from tenfold.runtime import InterpreterPool, interpreters_alive
+        with InterpreterPool(2, backend="namespaces") as p:
+            before = p.broadcast(funcs.has_module, "colorsys")
+            p.broadcast(funcs.load_module, "colorsys")
+            first = p.broadcast(funcs.bump)
+        with InterpreterPool(2, backend="namespaces") as p:
+            kept = p.broadcast(funcs.has_module, "colorsys")
+            second = p.broadcast(funcs.bump)
+        print(json.dumps([before, kept, first, second, interpreters_alive()]))
+        """
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    before, kept, first, second, alive = json.loads(proc.stdout)
+    assert before == [False, False] and kept == [True, True]
+    assert first == [1, 1] and second == [2, 2]  # the module's globals went on from where they were
+    assert alive == 2  # the second pool started no interpreter of its own
+
+
+def test_the_cap_of_15_interpreters_holds_across_live_pools_and_parked_ones_count_towards_it():
+    proc = run_python(
+        """
+        import json, os
+        from tenfold.runtime import InterpreterPool, interpreters_alive
+        pools = [InterpreterPool(5, backend="namespaces") for _ in range(3)]
+        full = interpreters_alive()
+        try:
+            InterpreterPool(1, backend="namespaces")
+            refused = None
+        except ValueError as exc:
+            refused = str(exc)
+        after_refusal = interpreters_alive()
+        pools[0].shutdown()  # its 5 are parked, still alive: the next pool of 5 takes them
+        again = InterpreterPool(5, backend="namespaces")
+        pids = again.broadcast(os.getpid)
+        print(json.dumps([full, refused, after_refusal, interpreters_alive(), pids == [os.getpid()] * 5]))
+        """,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    full, refused, after_refusal, alive, served = json.loads(proc.stdout)
+    assert full == 15 and after_refusal == 15 and alive == 15 and served
+    assert refused is not None and "15 are already alive" in refused and "at most 15" in refused
+
+
+
+def _signal_state(pid: int) -> str:
+    lines = []
+    for tid in sorted(os.listdir(f"/proc/{pid}/task"), key=int):
+        with open(f"/proc/{pid}/task/{tid}/status") as f:
+            status = dict(line.split(":", 1) for line in f if ":" in line)
+        with open(f"/proc/{pid}/task/{tid}/wchan") as f:
+            wchan = f.read()
+        lines.append(f"{tid} {status['Name'].strip()} blocked={status['SigBlk'].strip()} "
+                     f"ignored={status['SigIgn'].strip()} caught={status['SigCgt'].strip()} in {wchan}")
+    return "\n".join(lines)
+
+
 def test_ctrl_c_still_interrupts_the_host():
     code = textwrap.dedent(
         """
@@ -331,7 +560,10 @@ def test_ctrl_c_still_interrupts_the_host():
         assert proc.stdout.readline().strip() == "ready"
         time.sleep(0.3)
         proc.send_signal(2)
-        out, _ = proc.communicate(timeout=30)
+        try:
+            out, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"no exit 30 s after Ctrl-C; the child's signal state and threads:\n{_signal_state(proc.pid)}")
     finally:
         proc.kill()  # never leave a spinning interpreter behind, whatever failed
         proc.wait()
@@ -366,14 +598,36 @@ def test_without_a_shared_libpython_auto_falls_back_to_threads_and_namespaces_sa
         _glibc.libpython_path.cache_clear()
 
 
-def _find_python(version: str) -> str | None:
+# requires-python sets no upper bound: the newest CPython release this project claims to run on.
+NEWEST_CLAIMED_PYTHON = (3, 13)
+
+
+def claimed_pythons() -> list[str]:
+    """Every minor version from pyproject.toml's requires-python minimum to NEWEST_CLAIMED_PYTHON that its
+    specifier admits, but the one running the tests (the whole suite checks that one)."""
+    import re
+
+    from packaging.specifiers import SpecifierSet
+
+    text = (ROOT / "pyproject.toml").read_text()
+    spec = SpecifierSet(re.search(r'^requires-python\s*=\s*"([^"]+)"', text, re.M).group(1))
+    lowest = min(int(s.version.split(".")[1]) for s in spec if s.operator in (">=", "~=", "=="))
+    versions = [f"3.{minor}" for minor in range(lowest, NEWEST_CLAIMED_PYTHON[1] + 1)]
+    running = f"{sys.version_info.major}.{sys.version_info.minor}"
+    return [v for v in versions if spec.contains(f"{v}.0") and v != running]
+
+
+def find_python(version: str) -> str | None:
+    """A working python`version` on PATH or among pyenv's versions, else None."""
     import glob
     import shutil
 
     candidates = [shutil.which(f"python{version}")]
     pyenv = shutil.which("pyenv")
+    roots = [os.environ.get("PYENV_ROOT"), os.path.expanduser("~/.pyenv")]
     if pyenv:
-        root = subprocess.run([pyenv, "root"], capture_output=True, text=True).stdout.strip()
+        roots.insert(0, subprocess.run([pyenv, "root"], capture_output=True, text=True).stdout.strip())
+    for root in filter(None, roots):
         candidates += sorted(glob.glob(os.path.join(root, "versions", f"{version}.*", "bin", f"python{version}")))
     for exe in filter(None, candidates):
         if subprocess.run([exe, "-c", "pass"], capture_output=True).returncode == 0:
@@ -381,18 +635,25 @@ def _find_python(version: str) -> str | None:
     return None
 
 
-@pytest.mark.parametrize("version", ["3.10", "3.12", "3.13"])
-def test_the_runtime_runs_on_other_pythons_found_on_this_machine(version):
-    exe = _find_python(version)
+def test_the_claimed_pythons_follow_requires_python():
+    assert "3.10" in claimed_pythons() or sys.version_info[:2] == (3, 10)
+    assert f"{NEWEST_CLAIMED_PYTHON[0]}.{NEWEST_CLAIMED_PYTHON[1]}" in claimed_pythons()
+
+
+@pytest.mark.parametrize("version", claimed_pythons())
+def test_the_runtime_runs_on_every_python_this_project_claims(version):
+    exe = find_python(version)
+    how = (f"install it with `PYTHON_CONFIGURE_OPTS=--enable-shared pyenv install {version}` (namespace "
+           f"interpreters need a shared libpython), or put a python{version} built with --enable-shared on PATH")
     if exe is None:
-        pytest.skip(f"python{version} is not installed here")
+        pytest.fail(f"python{version} is claimed by requires-python but not installed here: {how}")
     proc = subprocess.run(
         [exe, "-c", "import os, sys; from tenfold.runtime import InterpreterPool\n"
          "with InterpreterPool(2, backend='namespaces') as p: print(p.broadcast(os.getpid) == [os.getpid()] * 2)"],
         env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=120,
     )
     if proc.returncode != 0 and "--enable-shared" in proc.stderr:
-        pytest.skip(f"python{version} has no shared libpython")
+        pytest.fail(f"{exe} has no shared libpython: {how}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "True"
 

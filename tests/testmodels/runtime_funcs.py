@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import importlib
 import os
+import platform
 import sys
 import threading
 import time
@@ -107,3 +110,77 @@ class Ephemeral:
 
 def ephemeral_tensor() -> Ephemeral:
     return Ephemeral()
+
+
+# -- holding an interpreter's GIL in native code ----------------------------------------------------
+
+# poll() and ppoll() by machine: what /proc/<pid>/task/<tid>/syscall shows for a thread blocked in poll().
+_POLL_SYSCALLS = {"x86_64": {"7", "271"}, "aarch64": {"73"}}
+
+
+class _PollFd(ctypes.Structure):
+    _fields_ = [("fd", ctypes.c_int), ("events", ctypes.c_short), ("revents", ctypes.c_short)]
+
+
+def hold_gil_in_poll(read_fd: int, timeout_ms: int, state_addr: int) -> bool:
+    """Block in libc's poll() on `read_fd` for up to `timeout_ms`, called through a PyDLL handle, which
+    keeps this interpreter's GIL for the whole call. Writes this thread's id to state[0] before, and 1 to
+    state[1] after. True if a byte on `read_fd` ended the wait, False if the timeout did."""
+    state = (ctypes.c_long * 2).from_address(state_addr)
+    state[0] = threading.get_native_id()
+    libc = ctypes.PyDLL("libc.so.6")  # PyDLL: the GIL is NOT released around the call
+    fd = _PollFd(read_fd, 1, 0)  # POLLIN
+    ready = libc.poll(ctypes.byref(fd), 1, timeout_ms)
+    state[1] = 1
+    if ready == 1:
+        os.read(read_fd, 1)
+    return ready == 1
+
+
+def _in_poll(tid: int) -> bool:
+    try:
+        with open(f"/proc/self/task/{tid}/syscall") as f:
+            number = f.read().split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return number in _POLL_SYSCALLS.get(platform.machine(), set())
+
+
+def saw_holder_in_native_code(state_addr: int) -> bool:
+    """Wait until the thread in `hold_gil_in_poll` is inside its poll() (True) or has returned (False)."""
+    state = (ctypes.c_long * 2).from_address(state_addr)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if state[0] and _in_poll(state[0]):
+            return True
+        if state[1]:
+            return False
+        time.sleep(0.001)
+    raise TimeoutError("the holder neither entered poll() nor returned")
+
+
+# -- keyword arguments, large payloads, tensors ----------------------------------------------------
+
+
+def join(a, b="b", *, sep="-") -> str:
+    return f"{a}{sep}{b}"
+
+
+def tensor_seen_inside(t, write: bool) -> tuple[int, bool, bool, tuple[int, ...], list]:
+    """(data_ptr, requires_grad, is_contiguous, stride, values) of `t` as this interpreter sees it; with
+    `write`, adds 1 to it in place first (no autograd)."""
+    import torch
+
+    if write:
+        with torch.no_grad():
+            t.add_(1)
+    return t.data_ptr(), t.requires_grad, t.is_contiguous(), tuple(t.stride()), t.detach().tolist()
+
+
+def read_byte(fd: int) -> bytes:
+    """Block in os.read until a byte arrives on `fd` (native code: an interrupt cannot land meanwhile)."""
+    return os.read(fd, 1)
+
+
+def load_module(name: str) -> None:
+    importlib.import_module(name)

@@ -1,9 +1,12 @@
-"""A deployment that calls a tenfold deployment through its handle (imported by Serve's replicas)."""
+"""Code Ray runs on behalf of the serving tests (imported by Serve's replicas and Ray's workers): a
+deployment that calls a tenfold deployment through its handle, and a deployer that exits once done."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
+import ray
 from ray import serve
 
 
@@ -19,3 +22,14 @@ class Caller:
 
         y, k2 = await self.model.remote(torch.tensor(x, dtype=torch.float32), torch.tensor(k))
         return [y.tolist(), k2.tolist()]
+
+
+@ray.remote(num_cpus=0, max_calls=1)  # max_calls=1: the worker process exits once the task is done
+def deploy_and_exit(archive: str, name: str) -> int:
+    """Deploy `archive` as application `name` at /`name`, delete the file, and return this process's pid."""
+    from tenfold.integration import app_builder
+
+    serve.run(app_builder({"archive": archive, "name": name, "interpreters": 1, "num_cpus": 0.25}), name=name,
+              route_prefix=f"/{name}")
+    os.unlink(archive)  # from here on the archive exists only in the object store
+    return os.getpid()
