@@ -52,7 +52,7 @@ def local_serve(num_cpus: float, *, port: int | None = None) -> Iterator[str]:
 
 
 def example_archive(name: str, build_dir: Path = Path("build")) -> Path:
-    """The archive of `examples.<name>` under `build_dir`, packaged on first use.
+    """The archive of `examples.<name>` under `build_dir`, packaged when missing or older than the module.
 
     `examples` is imported as a module from the current directory (the repository root), as `python -m`
     would find it; an existing path is returned as it is.
@@ -60,8 +60,6 @@ def example_archive(name: str, build_dir: Path = Path("build")) -> Path:
     if Path(name).is_file():
         return Path(name)
     archive = build_dir / f"{name}.pt"
-    if archive.is_file():
-        return archive
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
@@ -69,6 +67,9 @@ def example_archive(name: str, build_dir: Path = Path("build")) -> Path:
     except ModuleNotFoundError as exc:
         raise SystemExit(f"no archive {name!r} and no module examples.{name} ({exc}); run from the repository "
                          "root or give an archive path") from None
+    source = getattr(module, "__file__", None)
+    if archive.is_file() and (source is None or os.path.getmtime(source) <= archive.stat().st_mtime):
+        return archive
     from tenfold.packaging import save
 
     archive.parent.mkdir(parents=True, exist_ok=True)

@@ -173,13 +173,15 @@ def _role(cmdline: list[str]) -> str:
 
 
 def _breakdown(before: dict[int, tuple[str, int]], after: dict[int, tuple[str, int]]) -> dict[str, float]:
-    """MB of PSS gained (or lost) per kind of process, largest first."""
+    """MB of PSS gained (or lost) per kind of process, largest first; kinds under 1 MB as "others"."""
     by: dict[str, float] = {}
     for pid in set(before) | set(after):
         role = (after.get(pid) or before[pid])[0]
         delta = (after.get(pid, (role, 0))[1] - before.get(pid, (role, 0))[1]) / 1e6
         by[role] = by.get(role, 0.0) + delta
-    return dict(sorted(((k, round(v, 1)) for k, v in by.items() if abs(v) >= 1.0), key=lambda kv: -abs(kv[1])))
+    out = dict(sorted(((k, round(v, 1)) for k, v in by.items() if abs(v) >= 1.0), key=lambda kv: -abs(kv[1])))
+    out["others"] = round(sum(v for v in by.values() if abs(v) < 1.0), 1)
+    return out
 
 
 def measure_cost(model: str, archive: Path, body: bytes, setup: str, size: int, url: str) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import io
+import json
 import mmap
 import os
 import struct
@@ -254,7 +255,8 @@ class Archive:
     def check_digests(self) -> None:
         """DigestMismatch if the manifest was edited, or any record added, removed or changed since packaging."""
         manifest = self.manifest
-        if content_digest(manifest) != manifest.content_sha256:
+        written = json.loads(self.read(MANIFEST_RECORD))
+        if content_digest(written) != manifest.content_sha256:
             raise DigestMismatch(
                 self.label,
                 "manifest.json was edited after packaging (its content_sha256 does not match its fields); "

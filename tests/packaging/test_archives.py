@@ -445,3 +445,17 @@ def test_source_type_errors() -> None:
         tp.load(12345)
     with pytest.raises(FileNotFoundError, match="no such archive"):
         tp.load("/nonexistent/model.pt")
+
+
+def test_an_archive_in_the_previous_manifest_format_still_verifies_and_loads(archive: Path, tmp_path: Path) -> None:
+    """Manifests written before Python-valued models (format 1: no spec kinds, no requirements) keep their digest."""
+    doc = manifest_json(archive)
+    del doc["requirements"]
+    for spec in doc["inputs"] + doc["outputs"]:
+        del spec["kind"], spec["array"]
+    doc["format_version"] = 1
+    doc["content_sha256"] = content_digest(doc)
+    old = rewrite(archive, tmp_path / "old.pt", {MANIFEST_RECORD: json.dumps(doc).encode()})
+    m = tp.verify_archive(old)
+    assert m.format_version == 1 and m.requirements == [] and m.inputs[0].kind == "tensor"
+    torch.testing.assert_close(tp.load(old, verify=True)(X), small()(X))

@@ -26,10 +26,9 @@ class Caller:
 
 @ray.remote(num_cpus=0, max_calls=1)  # max_calls=1: the worker process exits once the task is done
 def deploy_and_exit(archive: str, name: str) -> int:
-    """Deploy `archive` as application `name` at /`name`, delete the file, and return this process's pid."""
+    """Deploy `archive` as application `name` at /`name`, and return this process's pid."""
     from tenfold.integration import app_builder
 
     serve.run(app_builder({"archive": archive, "name": name, "interpreters": 1, "num_cpus": 0.25}), name=name,
               route_prefix=f"/{name}")
-    os.unlink(archive)  # from here on the archive exists only in the object store
     return os.getpid()
