@@ -83,8 +83,9 @@ def running_replicas(app: str, deployment: str) -> int:
 
 
 @contextlib.contextmanager
-def serve_directory(directory: Path) -> Iterator[str]:
-    """The files of `directory` over HTTP on loopback (a stdlib server in a thread); yields its base URL."""
+def serve_directory(directory: Path, handler: type | None = None) -> Iterator[str]:
+    """The files of `directory` over HTTP on loopback (a stdlib server in a thread, `handler` a subclass of
+    SimpleHTTPRequestHandler to serve more); yields its base URL."""
     import functools
     import http.server
     import threading
@@ -94,7 +95,7 @@ def serve_directory(directory: Path) -> Iterator[str]:
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
-                                             functools.partial(Quiet, directory=str(directory)))
+                                             functools.partial(handler or Quiet, directory=str(directory)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

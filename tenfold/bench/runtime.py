@@ -255,7 +255,7 @@ def _measure_size(
                     )
                     row["runs"].append(rate)
                     row["per_worker"].append([n / s for n, s in per_worker])
-                    log(f"  rep {rep + 1}/{cfg.reps} {name:<5} {mode:<12} x{size}: {rate:>10,.0f} inf/s")
+                    log(f"  rep {rep + 1}/{cfg.reps} {name:<9} {mode:<12} x{size}: {rate:>10,.0f} inf/s")
     finally:
         for driver in drivers.values():
             driver.close()
@@ -509,14 +509,14 @@ def format_table(results: dict[str, Any]) -> str:
     rows = results.get("throughput", [])
     if rows:
         lines.append("")
-        lines.append(f"{'model':<6}{'mode':<14}{'N':>3}{'inf/s':>11}{'min..max':>18}{'x 1 interp':>12}"
+        lines.append(f"{'model':<10}{'mode':<14}{'N':>3}{'inf/s':>11}{'min..max':>18}{'x 1 interp':>12}"
                      f"{'x threads':>11}")
         order = {m: i for i, m in enumerate(MODES)}
         for r in sorted(rows, key=lambda r: (results["meta"]["models"].index(r["model"]), r["size"], order[r["mode"]])):
             spread = f"{_fmt_rate(min(r['runs']))}..{_fmt_rate(max(r['runs']))}"
             one = f"{r['vs_one_interpreter']:.2f}x" if r["vs_one_interpreter"] else "-"
             thr = f"{r['vs_threads']:.2f}x" if r["vs_threads"] else "-"
-            lines.append(f"{r['model']:<6}{r['mode']:<14}{r['size']:>3}{_fmt_rate(r['median']):>11}{spread:>18}"
+            lines.append(f"{r['model']:<10}{r['mode']:<14}{r['size']:>3}{_fmt_rate(r['median']):>11}{spread:>18}"
                          f"{one:>12}{thr:>11}")
     mem = results.get("memory")
     if mem:

@@ -4,6 +4,7 @@ through handles, validation as 422s, and the OpenAPI document of `POST /` built 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,28 +20,31 @@ pytestmark = pytest.mark.ray
 TEXTS = ["Several interpreters share one process.", "Fresh bread and cinnamon.", "ünïcode ✓"]
 
 
-@pytest.fixture(scope="module")
-def embedder(serve_session, minilm_archive: Path) -> Iterator[SimpleNamespace]:  # noqa: ANN001
+@contextmanager
+def deployed(serve_session, archive: Path, name: str, interpreters: int) -> Iterator[SimpleNamespace]:  # noqa: ANN001
+    """`archive` served as application `name` at /`name`: its URL, a handle, and the model loaded in this process."""
     from ray import serve
 
     from tenfold.integration import app_builder
 
-    app = app_builder({"archive": str(minilm_archive), "interpreters": 2, "num_cpus": 0.5, "name": "embedder"})
-    handle = serve.run(app, name="embedder", route_prefix="/embedder")
-    yield SimpleNamespace(url=f"{serve_session.url}/embedder", handle=handle, host=tp.load(minilm_archive))
-    serve.delete("embedder")
+    app = app_builder({"archive": str(archive), "interpreters": interpreters, "num_cpus": 0.5, "name": name})
+    handle = serve.run(app, name=name, route_prefix=f"/{name}")
+    try:
+        yield SimpleNamespace(url=f"{serve_session.url}/{name}", handle=handle, host=tp.load(archive))
+    finally:
+        serve.delete(name)
+
+
+@pytest.fixture(scope="module")
+def embedder(serve_session, minilm_archive: Path) -> Iterator[SimpleNamespace]:  # noqa: ANN001
+    with deployed(serve_session, minilm_archive, "embedder", 2) as app:
+        yield app
 
 
 @pytest.fixture(scope="module")
 def search(serve_session, search_archive: Path) -> Iterator[SimpleNamespace]:  # noqa: ANN001
-    from ray import serve
-
-    from tenfold.integration import app_builder
-
-    app = app_builder({"archive": str(search_archive), "interpreters": 1, "num_cpus": 0.5, "name": "search"})
-    handle = serve.run(app, name="search", route_prefix="/search")
-    yield SimpleNamespace(url=f"{serve_session.url}/search", handle=handle, host=tp.load(search_archive))
-    serve.delete("search")
+    with deployed(serve_session, search_archive, "search", 1) as app:
+        yield app
 
 
 def close(got: list, want: list) -> None:

@@ -4,12 +4,10 @@ both started here. Nothing leaves 127.0.0.1."""
 from __future__ import annotations
 
 import base64
-import functools
 import http.server
 import logging
 import pickle
 import socket
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -20,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 from pydantic import ValidationError
-from support import free_port
+from support import free_port, serve_directory
 
 from tenfold.integration.config import AppArgs
 from tenfold.integration.sources import (
@@ -140,16 +138,8 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def http_url(packaged: Packaged) -> Iterator[str]:
     """A stdlib HTTP server on loopback serving the archive's directory."""
-    handler = functools.partial(_Handler, directory=str(packaged.path.parent))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+    with serve_directory(packaged.path.parent, _Handler) as url:
+        yield url
 
 
 def _closed_port() -> int:
