@@ -10,7 +10,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.config import BackpressureConfig
 
-from .archive_cache import ArchiveLocator
+from .archive_cache import ArchiveLocator, file_stamp
 from .config import AppArgs
 from .deployment import TenfoldModel
 from .sources import ArchiveSource, ArchiveUnavailable, fetch
@@ -85,13 +85,15 @@ def app_builder(args: AppArgs) -> Application:
     args = AppArgs.model_validate(args) if not isinstance(args, AppArgs) else args
     source = ArchiveSource.parse(args.archive, endpoint_url=args.endpoint_url)
     try:
+        # Stamped before it is read: a file changed from here on no longer matches, and is hashed again.
+        stamp = file_stamp(source.location) if source.is_local else None
         view = fetch(source, sha256=args.sha256)
         archive = Archive(view, source.describe())
         digest = args.sha256 or archive.sha256()
         manifest = archive.verify()
     except (ArchiveUnavailable, PackageError) as exc:  # each names the source
         raise DeployError(f"refusing to deploy: {exc}") from exc
-    locator = ArchiveLocator(source, digest, len(view))
+    locator = ArchiveLocator(source, digest, len(view), stamp)
     del archive, view
     _check_batching(args, manifest)
     name = args.name or manifest.name

@@ -49,7 +49,9 @@ class TenfoldModel:
 
     def __init__(self, archive: ArchiveLocator, args: dict[str, Any]) -> None:
         from tenfold.packaging import replicate
+        from tenfold.packaging.replicated import prepare_interpreter
 
+        started = time.perf_counter()
         self._args = AppArgs.model_validate(args)
         self._locator = archive
         window = self._args.autoscaling.look_back_period_s if self._args.autoscaling else 10.0
@@ -62,6 +64,7 @@ class TenfoldModel:
                 threads_per_interpreter=self._args.threads_per_interpreter,
                 utilization_window_s=window,
                 replace_lost=self._args.replace_lost_interpreters,
+                initializer=prepare_interpreter,  # torch imported while this thread gets the archive
             )
             try:
                 self._archive = archive_cache.resolve(archive)
@@ -69,11 +72,13 @@ class TenfoldModel:
                 with contextlib.suppress(Exception):
                     starting.result().shutdown(wait=True)
                 raise
+            resolved = time.perf_counter()
             try:
                 self._pool = starting.result()
             except BaseException:
                 archive_cache.release(self._archive)
                 raise
+        pooled = time.perf_counter()
         try:
             # Verified against the digest bound at deploy time by resolve(): not hashed again.
             self._model = replicate(self._pool, self._archive.buffer)
@@ -81,6 +86,9 @@ class TenfoldModel:
             self._pool.shutdown(wait=True)
             archive_cache.release(self._archive)
             raise
+        _logger.info("tenfold replica ready in %.2f s: archive from %s in %.2f s, %d interpreters with torch in "
+                     "%.2f s, model loaded in %.2f s", time.perf_counter() - started, self._archive.origin,
+                     resolved - started, self._pool.size, pooled - started, time.perf_counter() - pooled)
         self._manifest = self._model.manifest
         self._interface = codec.Interface.of(self._manifest)
         self._metrics = ReplicaMetrics()

@@ -6,7 +6,7 @@ from one shared buffer. Loading runs pickled code: load only archives you trust,
 `sha256` (see `archive_sha256`).
 """
 
-from .archive import Archive, Source, archive_sha256, open_archive, read_manifest, verify_archive
+from .archive import Archive, Source, archive_sha256, open_archive, open_source, read_manifest, verify_archive
 from .errors import (
     DigestMismatch,
     EntryPointMissing,
@@ -54,6 +54,7 @@ __all__ = [
     "archive_sha256",
     "load",
     "open_archive",
+    "open_source",
     "read_example_inputs",
     "read_manifest",
     "replicate",

@@ -82,7 +82,7 @@ def load_archive(
         archive.check_pin(sha256)
         archive.check_entry(resource)
         archive.check_externs()
-        return _unpickle(archive, resource, copy_weights)
+        return unpickle(archive, resource, copy_weights)
     if verify:
         archive.check_pin(sha256)
         archive.check_digests()
@@ -90,7 +90,7 @@ def load_archive(
                                       strict_requirements=strict_requirements)
     entry = resource if resource is not None else manifest.entry
     archive.check_entry(entry)
-    model = _unpickle(archive, entry, copy_weights)
+    model = unpickle(archive, entry, copy_weights)
     if verify and manifest.reference is not None:
         check_reference(archive, model)
     return model
@@ -208,7 +208,9 @@ class _RecordReader:
         return tensor.clone() if self._copy else tensor
 
 
-def _unpickle(archive: Archive, entry: str, copy_weights: bool) -> Any:
+def unpickle(archive: Archive, entry: str, copy_weights: bool) -> Any:
+    """The object pickled at `entry`, its storages views into the archive (or copies), unchecked: the caller
+    has made the checks `load_archive` makes."""
     import torch
     from torch.package import PackageImporter
 

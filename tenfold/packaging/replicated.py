@@ -18,7 +18,7 @@ from . import _signature
 from .archive import Archive, Source, open_source
 from .errors import SharedWeightWrite
 from .manifest import Manifest
-from .reader import is_shared_write, load_archive
+from .reader import is_shared_write, unpickle
 
 if TYPE_CHECKING:
     from tenfold.runtime import InterpreterPool
@@ -185,7 +185,7 @@ def replicate(
         _host_buffers[model_id] = view
     try:
         # A setup, not a broadcast: an interpreter that replaces a lost one loads the model too.
-        setup = pool.add_setup(_load, model_id, pickle.PickleBuffer(view), label, copy_weights, strict_requirements)
+        setup = pool.add_setup(_load, model_id, pickle.PickleBuffer(view), label, copy_weights)
     except BaseException:
         try:
             pool.broadcast(_drop, model_id)
@@ -199,11 +199,21 @@ def replicate(
 # -- run inside each interpreter -------------------------------------------------------------------
 
 
-def _load(model_id: str, buffer: Any, label: str, copy_weights: bool, strict_requirements: bool) -> bool:
+def _load(model_id: str, buffer: Any, label: str, copy_weights: bool) -> bool:
+    # The host checked this archive against this same environment (the interpreters share its sys.path
+    # and site-packages): only the unpickling is left to do here.
     archive = Archive(open_source(buffer)[0], label)
-    model = load_archive(archive, copy_weights=copy_weights, strict_requirements=strict_requirements)
+    model = unpickle(archive, archive.manifest.entry, copy_weights)
     _models[model_id] = _Loaded(model, label, archive.manifest)
     return True
+
+
+def prepare_interpreter() -> None:
+    """Import what loading an archive needs (torch above all): a pool's initializer, so that this happens
+    while the host is still getting the archive's bytes."""
+    import torch  # noqa: F401
+
+    from . import reader  # noqa: F401
 
 
 def _run(model_id: str, inputs: tuple[Any, ...]) -> Any:
