@@ -428,7 +428,7 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     cost, speed = report["cost"]["results"], report["speed"]["results"]
-    fig, axes = plt.subplots(1, 3, figsize=(18, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(20, 5.5), gridspec_kw={"width_ratios": [2, 2, 1]})
     groups = list(dict.fromkeys((r["model"], r["size"]) for r in cost))
     setups = list(dict.fromkeys(r["setup"] for r in cost))
     by = {(r["model"], r["size"], r["setup"]): r for r in cost}
@@ -438,8 +438,8 @@ def _plot(report: dict[str, Any], path: Path) -> None:
         for i, setup in enumerate(setups):
             values = [by[(m, n, setup)][key] if (m, n, setup) in by else 0 for m, n in groups]
             ax.bar([j + i * width for j in range(len(groups))], values, width, label=setup)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))], [f"{m}\nN={n}" for m, n in groups],
-                      fontsize=8)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))], [f"{m} N={n}" for m, n in groups],
+                      fontsize=8, rotation=35, ha="right")
         ax.set_title(title)
         ax.legend(fontsize=8)
     ax = axes[2]

@@ -234,3 +234,17 @@ def test_manifest_json_of_a_value_model_is_readable_by_other_tools(keywords_arch
     assert doc["inputs"][0] == {"kind": "value", "name": "texts", "type": "list[str]",
                                 "json_schema": {"items": {"type": "string"}, "type": "array"}, "hinted": True}
     assert sys.version.split()[0] == doc["python_version"]
+
+
+def test_an_exception_class_of_the_archive_comes_back_as_a_remote_error_naming_it(pool: InterpreterPool,
+                                                                                   tmp_path: Path) -> None:
+    from tenfold.runtime import RemoteError
+
+    tp.save(value_models.Refuser(), tmp_path / "r.pt", example_inputs=("hello",))
+    with tp.replicate(pool, tmp_path / "r.pt") as model:
+        assert model("hello") == "HELLO"
+        with pytest.raises(RemoteError) as info:  # its class lives in the archive, not in this process
+            model("a rude text")
+        assert info.value.remote_type.endswith("testmodels.value_models.Refusal")
+        assert "will not answer 'a rude text'" in info.value.remote_message and "in __call__" in str(info.value)
+        assert model("again") == "AGAIN"

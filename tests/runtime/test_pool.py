@@ -23,6 +23,7 @@ from tenfold.runtime import (
     BrokenInterpreterPool,
     InterpreterLost,
     InterpreterPool,
+    RemoteError,
     RemoteTraceback,
     _wire,
     interpreters_alive,
@@ -210,6 +211,15 @@ def test_an_exception_is_raised_as_its_own_type_with_the_remote_traceback_as_its
     assert "in fail" in str(cause) and "raise ValueError" in str(cause)
     assert remote_traceback(info.value) == str(cause)
     assert pool.broadcast(funcs.echo, 7) == [7, 7]  # both interpreters keep serving
+
+
+def test_an_exception_that_cannot_be_re_created_in_the_caller_is_a_remote_error_with_its_text(ns_pool):
+    with pytest.raises(RemoteError) as info:
+        ns_pool.submit(funcs.fail_with_a_lock).result(timeout=30)
+    err = info.value
+    assert err.remote_type == "testmodels.runtime_funcs.HoldsALock" and "refused" in err.remote_message
+    assert "in fail_with_a_lock" in err.remote_traceback and remote_traceback(err) == err.remote_traceback
+    assert ns_pool.submit(funcs.echo, 1).result(timeout=30) == 1
 
 
 def test_a_result_that_cannot_be_pickled_is_an_error_not_a_hang(ns_pool):

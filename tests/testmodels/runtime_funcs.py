@@ -184,3 +184,11 @@ def read_byte(fd: int) -> bytes:
 
 def load_module(name: str) -> None:
     importlib.import_module(name)
+
+
+class HoldsALock(Exception):
+    """An exception that cannot be pickled: it carries a lock."""
+
+
+def fail_with_a_lock() -> None:
+    raise HoldsALock("refused", threading.Lock())

@@ -51,3 +51,16 @@ class Thresholds:
 
     def __call__(self, scores: torch.Tensor, settings: Settings) -> list[str]:
         return [label for label, s in zip(settings.labels, scores.tolist()) if s >= settings.threshold]
+
+
+class Refusal(Exception):
+    """Defined in this module: inside an archive, its class exists only where the archive is loaded."""
+
+
+class Refuser:
+    """Refuses a text it finds rude, with an exception of its own."""
+
+    def __call__(self, text: str) -> str:
+        if "rude" in text:
+            raise Refusal(f"will not answer {text!r}")
+        return text.upper()
