@@ -30,6 +30,7 @@ def main(archive: str, endpoint_url: str, sha256: str) -> None:
         first = handle.manifest.remote().result(timeout_s=60)
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
+        removed = time.monotonic()
         cluster.remove_node(first_node)  # the replica and the object it put in that node's store go with it
         deadline = time.monotonic() + 240
         after = None
@@ -41,7 +42,9 @@ def main(archive: str, endpoint_url: str, sha256: str) -> None:
             except Exception:  # noqa: BLE001 - the replica is being replaced
                 time.sleep(1.0)
         output = handle.remote(torch.tensor([[1.0, 2.0, 3.0, 4.0]])).result(timeout_s=60)
+        recovery_s = time.monotonic() - removed
         print(json.dumps({
+            "recovery_s": recovery_s,
             "removed_node": first_node.node_id,
             "first": {"node": first["node_id"], "archive_from": first["archive_from"]},
             "after": {"node": after and after["node_id"], "archive_from": after and after["archive_from"]},
