@@ -110,7 +110,7 @@ def resolve(locator: ArchiveLocator, *, timeout_s: float = 60.0) -> Resolved:
     ref = ray.put(np.frombuffer(view, dtype=np.uint8))
     del view
     # Pickling a reference pins its object for the life of this process, which owns it anyway.
-    published = ray.cloudpickle.dumps([ref])
+    published = ray.cloudpickle.dumps({"owner": _this_actor(), "refs": [ref]})
     internal_kv._internal_kv_put(key, published, overwrite=True, namespace=KV_NAMESPACE)
     buffer = ray.get(ref)
     logger.info("archive %s fetched from its source into the object store", locator.describe())
@@ -130,15 +130,46 @@ def _published(sha256: str, node: str) -> Resolved | None:
         if not data:
             continue  # claimed, not yet published
         try:
-            (ref,) = ray.cloudpickle.loads(data)
-            buffer = ray.get(ref, timeout=GET_TIMEOUT_S)
-        except (ray.exceptions.RayError, ValueError, TypeError) as exc:
-            logger.warning("the object store copy published at %s is gone (%s); it is removed", key,
-                           type(exc).__name__)
+            entry = ray.cloudpickle.loads(data)
+            if not _alive(entry["owner"]):
+                # Its object may linger while others still map it, but nobody owns it: a new copy is fetched.
+                raise ValueError(f"its owner {entry['owner'][0]} is gone")
+            buffer = ray.get(entry["refs"][0], timeout=GET_TIMEOUT_S)
+        except (ray.exceptions.RayError, ValueError, TypeError, KeyError) as exc:
+            logger.warning("the object store copy published at %s is gone (%s: %s); it is removed", key,
+                           type(exc).__name__, exc)
             _unpublish(key, data)
             continue
         return Resolved(buffer, "object store")
     return None
+
+
+def _this_actor() -> tuple[str, str] | None:
+    """(name, namespace) of the named actor this runs in (a Serve replica), or None."""
+    import ray
+
+    context = ray.get_runtime_context()
+    try:
+        name = context.get_actor_name()
+    except Exception:  # noqa: BLE001 - not in an actor
+        name = None
+    if not name:
+        return None
+    # Serve registers its replicas in its own namespace, not in the job's the context reports.
+    return name, ("serve" if name.startswith("SERVE_REPLICA::") else context.namespace)
+
+
+def _alive(owner: tuple[str, str] | None) -> bool:
+    """Whether the named actor `owner` still exists (an entry published outside an actor counts as alive)."""
+    if owner is None:
+        return True
+    import ray
+
+    try:
+        ray.get_actor(owner[0], namespace=owner[1])
+    except ValueError:
+        return False
+    return True
 
 
 def _unpublish(key: str, expected: bytes) -> None:
