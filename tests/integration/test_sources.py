@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 from pydantic import ValidationError
-from support import free_port, serve_directory
+from support import free_port, s3_server, serve_directory
 
 from tenfold.integration.config import AppArgs
 from tenfold.integration.sources import (
@@ -73,21 +73,9 @@ def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def s3_endpoint(packaged: Packaged) -> Iterator[str]:
     """moto's S3-compatible server on loopback, holding the archive at s3://models/linear/v1.pt."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                              aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET)
-        client.create_bucket(Bucket=BUCKET)
-        client.upload_file(str(packaged.path), BUCKET, KEY)
-        yield endpoint
-    finally:
-        server.stop()
+    with s3_server(BUCKET) as upload:
+        upload(packaged.path, KEY)
+        yield upload.endpoint  # type: ignore[attr-defined]
 
 
 @pytest.fixture
