@@ -197,25 +197,6 @@ def percentile_ms(seconds: Sequence[float], q: float) -> float | None:
 # -- processes ----------------------------------------------------------------------------------
 
 
-def pss_bytes(pids: set[int]) -> int:
-    """Proportional set size of the processes `pids` (shared pages split between all that map them)."""
-    import psutil
-
-    return sum(psutil.Process(p).memory_full_info().pss for p in pids)
-
-
-def machine_pss_bytes() -> int:
-    """PSS summed over every process of this machine that can be read: memory in use, each shared page
-    (libraries, page cache mappings, the object store) counted once."""
-    import psutil
-
-    total = 0
-    for proc in psutil.process_iter():
-        with contextlib.suppress(psutil.Error, OSError):
-            total += proc.memory_full_info().pss
-    return total
-
-
 def cpu_seconds(pids: set[int]) -> float:
     """CPU seconds (user + system) the processes `pids` have used so far."""
     import psutil
