@@ -13,7 +13,7 @@ from ray.serve.config import BackpressureConfig
 from .archive_cache import ArchiveLocator, file_stamp
 from .config import AppArgs
 from .deployment import TenfoldModel
-from .sources import ArchiveSource, ArchiveUnavailable, fetch
+from .sources import ArchiveSource, ArchiveUnavailable, fetch_with_digest
 
 
 class DeployError(ValueError):
@@ -87,9 +87,8 @@ def app_builder(args: AppArgs) -> Application:
     try:
         # Stamped before it is read: a file changed from here on no longer matches, and is hashed again.
         stamp = file_stamp(source.location) if source.is_local else None
-        view = fetch(source, sha256=args.sha256)
+        view, digest = fetch_with_digest(source, sha256=args.sha256)
         archive = Archive(view, source.describe())
-        digest = args.sha256 or archive.sha256()
         manifest = archive.verify()
     except (ArchiveUnavailable, PackageError) as exc:  # each names the source
         raise DeployError(f"refusing to deploy: {exc}") from exc

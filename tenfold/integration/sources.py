@@ -31,7 +31,8 @@ from typing import Any, Literal
 
 from tenfold.packaging import PinMismatch
 
-__all__ = ["ArchiveSource", "ArchiveUnavailable", "DEFAULT_TIMEOUT_S", "check_pinned", "fetch", "requires_pin"]
+__all__ = ["ArchiveSource", "ArchiveUnavailable", "DEFAULT_TIMEOUT_S", "check_pinned", "fetch", "fetch_with_digest",
+           "requires_pin"]
 
 logger = logging.getLogger(__name__)
 
@@ -206,6 +207,17 @@ def fetch(
     status, a refused connection, a timeout, access denied, too large) and
     `tenfold.packaging.PinMismatch` when they are not the pinned ones.
     """
+    return fetch_with_digest(source, sha256=sha256, max_bytes=max_bytes, timeout_s=timeout_s)[0]
+
+
+def fetch_with_digest(
+    source: ArchiveSource,
+    *,
+    sha256: str | None,
+    max_bytes: int | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> tuple[memoryview, str]:
+    """`fetch`, and the archive's hex sha256 as computed while it was read (the value to pin)."""
     check_pinned(source, sha256)
     expected = _normal_sha256(sha256) if sha256 is not None else None
     if max_bytes is not None and max_bytes < 0:
@@ -230,7 +242,7 @@ def fetch(
         )
     logger.info("fetched archive %s: %d bytes in %.2f s, sha256 %s", source, len(view),
                 time.monotonic() - started, actual)
-    return view
+    return view, actual
 
 
 # -- local files -----------------------------------------------------------------------------------
