@@ -46,6 +46,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (on this machine)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def wait_for(predicate: Callable[[], T], timeout_s: float, what: str, interval_s: float = 0.25) -> T:
     """The first true value of `predicate()`, polled every `interval_s`; fails the test after `timeout_s`."""
     deadline = time.monotonic() + timeout_s

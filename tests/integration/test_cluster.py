@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import requests
 import torch
-from support import free_port, running_replicas, stop_with_ctrl_c, subprocess_env, wait_for
+from support import free_port, pid_alive, running_replicas, stop_with_ctrl_c, subprocess_env, wait_for
 from testmodels import serve_models
 
 HERE = Path(__file__).resolve().parent
@@ -96,7 +96,7 @@ def test_a_replica_that_starts_after_its_deployer_exited_still_gets_the_archive(
     archive.write_bytes(probe_archive.read_bytes())
     try:
         deployer = ray.get(deploy_and_exit.remote(str(archive), "orphan"), timeout=300)
-        wait_for(lambda: not _alive(deployer), 60, "the deployer's process to exit")
+        wait_for(lambda: not pid_alive(deployer), 60, "the deployer's process to exit")
         url = f"{serve_session.url}/orphan"
         old = requests.get(f"{url}/-/stats", timeout=30).json()["pid"]
         # The deployer is gone; its replica dies and Serve starts another, which must resolve the archive again.
@@ -111,14 +111,6 @@ def test_a_replica_that_starts_after_its_deployer_exited_still_gets_the_archive(
         assert r.json()["outputs"][1] == want_k
     finally:
         serve.delete("orphan")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def _pid_or_none(url: str) -> int | None:

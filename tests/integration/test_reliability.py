@@ -7,7 +7,6 @@ application is deleted when its test ends, also on failure. The soak is in tests
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from support import running_replicas, wait_for
+from support import pid_alive, running_replicas, wait_for
 from testmodels import reliability_models as models
 
 from tenfold.integration import codec
@@ -68,14 +67,6 @@ def stats(url: str) -> dict:
 def assert_healthy_answer(r: requests.Response, x: list = X) -> None:
     assert r.status_code == 200, r.text
     np.testing.assert_allclose(np.array(r.json()["outputs"][0]), models.expected(x), rtol=1e-5)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 # -- hung and lost calls -------------------------------------------------------------------------
