@@ -80,19 +80,20 @@ class PlainModel:
 # -- deploying a set-up ---------------------------------------------------------------------------
 
 
-def _application(setup: str, archive: Path, size: int, cpus: float, replicas: int = 1) -> Any:
-    """The Serve application of `setup` with `size` workers (interpreters or processes) on `cpus` CPUs."""
+def _application(setup: str, archive: Path, size: int, cpus: float, more: int = 0) -> Any:
+    """The Serve application of `setup` with `size` workers (interpreters or processes) on `cpus` CPUs, and
+    `more` replicas beside them (plain: processes of one worker; tenfold and threads: processes of `size`)."""
     from ray import serve
 
     from tenfold.integration import app_builder
 
     if setup.startswith("plain"):
         deployment = serve.deployment(PlainModel).options(
-            name=setup, num_replicas=size * replicas, max_ongoing_requests=max(1, _ONGOING // size),
+            name=setup, num_replicas=size + more, max_ongoing_requests=max(1, _ONGOING // size),
             ray_actor_options={"num_cpus": cpus / size},
         )
         return deployment.bind(str(archive), setup.removeprefix("plain-"))
-    return app_builder({"archive": str(archive), "interpreters": size, "num_cpus": cpus, "num_replicas": replicas,
+    return app_builder({"archive": str(archive), "interpreters": size, "num_cpus": cpus, "num_replicas": 1 + more,
                         "backend": "namespaces" if setup == "tenfold" else "threads", "threads_per_interpreter": 1,
                         "max_ongoing_requests": _ONGOING, "name": setup})
 
@@ -216,9 +217,7 @@ def measure_cost(model: str, archive: Path, body: bytes, setup: str, size: int, 
     pids = _replica_pids(setup, url, processes)
     # One more replica (tenfold: another process of N interpreters; plain: one more process).
     t0 = time.perf_counter()
-    bigger = _application(setup, archive, size, cpus=SPEED_CPUS, replicas=2) if not setup.startswith("plain") \
-        else _scaled_plain(archive, setup, size)
-    serve.run(bigger, name=setup, route_prefix=f"/{setup}")
+    serve.run(_application(setup, archive, size, cpus=SPEED_CPUS, more=1), name=setup, route_prefix=f"/{setup}")
     grown = _replica_pids(setup, url, processes + 1)
     scale_up_s = time.perf_counter() - t0
     serve.delete(setup)
@@ -226,16 +225,6 @@ def measure_cost(model: str, archive: Path, body: bytes, setup: str, size: int, 
     return {"model": model, "setup": setup, "size": size, "memory_mb": (sum(p for _, p in after.values()) -
             sum(p for _, p in before.values())) / 1e6, "ready_s": ready_s, "scale_up_s": scale_up_s,
             "processes": processes, "breakdown_mb": _breakdown(before, after)}
-
-
-def _scaled_plain(archive: Path, setup: str, size: int) -> Any:
-    from ray import serve
-
-    deployment = serve.deployment(PlainModel).options(
-        name=setup, num_replicas=size + 1, max_ongoing_requests=max(1, _ONGOING // size),
-        ray_actor_options={"num_cpus": SPEED_CPUS / size},
-    )
-    return deployment.bind(str(archive), setup.removeprefix("plain-"))
 
 
 def _cost_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
