@@ -52,6 +52,10 @@ def _deployment_options(args: AppArgs, name: str) -> dict[str, Any]:
         "health_check_period_s": args.health_check_period_s,
         "health_check_timeout_s": args.health_check_timeout_s,
     }
+    if args.http_port is not None:
+        # A rolling update starts the new replicas before it stops the old ones, so that the port always has a
+        # replica holding its socket (Serve's default stops the old ones first).
+        options["max_surge_percent"] = 100
     if args.autoscaling is None:
         options["num_replicas"] = args.num_replicas
     else:

@@ -109,6 +109,22 @@ class AppArgs(BaseModel):
     max_request_bytes: PositiveInt = Field(
         DEFAULT_MAX_REQUEST_BYTES, description="A larger request body is refused with 413 before it is parsed."
     )
+    http_port: int | None = Field(
+        None, ge=1, le=65535, description="Also serve the application's routes on this port of every node with a "
+        "replica, from inside the interpreters: each interpreter accepts, parses, runs and answers requests itself, "
+        "so that the replica's host interpreter is never on their path. The replicas of a node share the port."
+    )
+    http_host: str = Field("0.0.0.0", description="Address that http_port is bound to.")
+    http_keep_alive_s: PositiveFloat = Field(5.0, description="An idle keep-alive connection on http_port closes "
+                                             "after this long.")
+    http_read_timeout_s: PositiveFloat = Field(
+        30.0, description="A request on http_port whose headers and body have not all arrived after this long is "
+        "answered 408 and its connection closed (the interpreter serves other connections meanwhile)."
+    )
+    http_drain_timeout_s: PositiveFloat = Field(
+        10.0, description="When a replica stops, how long its servers on http_port may take to finish the requests "
+        "they accepted (they stop accepting at once; the node's other replicas take new connections)."
+    )
     health_check_period_s: PositiveFloat = Field(10.0, description="How often Serve pings every interpreter.")
     health_check_timeout_s: PositiveFloat = Field(30.0, description="A ping slower than this fails the replica.")
 

@@ -24,18 +24,16 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import Response
 
-from tenfold.runtime import BrokenInterpreterPool, InterpreterLost, InterpreterPool, RemoteError, remote_traceback
+from tenfold.runtime import InterpreterPool, PoolStats, remote_traceback
 
-from . import archive_cache, codec, openapi, policy
+from . import archive_cache, codec, openapi, policy, routes
 from .archive_cache import ArchiveLocator
 from .config import AppArgs
+from .dataplane import DataPlane
 from .metrics import ReplicaMetrics
+from .routes import RequestTimeout
 
 _logger = logging.getLogger("ray.serve")
-
-
-class RequestTimeout(TimeoutError):
-    """A call ran past `request_timeout_s` (answered 504 over HTTP)."""
 
 
 class TenfoldModel:
@@ -101,6 +99,20 @@ class TenfoldModel:
             )(self._run_batch)
         self._ping: asyncio.Future | None = None
         self._calls_at_last_check = -1
+        self._dataplane: DataPlane | None = None
+        if self._args.http_port is not None:
+            try:
+                self._dataplane = DataPlane(
+                    self._pool, self._model.model_id, self._args, owner=serve.get_replica_context().app_name,
+                    interface=self._interface, manifest=codec.json.dumps(self._manifest_body()).encode(),
+                    openapi=codec.json.dumps(self._openapi()).encode(), stats=self._stats_body,
+                    metrics=self._metrics, window_s=window,
+                )
+            except BaseException:
+                self._close()
+                raise
+            _logger.info("tenfold replica serves port %d from its %d interpreters", self._dataplane.port,
+                         self._pool.size)
 
     # -- callers -------------------------------------------------------------------------------
 
@@ -113,13 +125,20 @@ class TenfoldModel:
         try:
             return await self._infer(list(inputs))
         except BaseException as exc:
-            status = _classify(exc, self._args.request_timeout_s).status
+            status = routes.classify(exc).status
             raise
         finally:
             self._metrics.observe_request("handle", time.perf_counter() - t0, status)
 
     async def manifest(self) -> dict[str, Any]:
         """The archive's manifest, its sha256 and source, and this replica's interpreters."""
+        return self._manifest_body()
+
+    async def stats(self) -> dict[str, Any]:
+        """This replica's figures (calls, errors, busy time, queue depth, utilization), http_port's included."""
+        return self._stats_body()
+
+    def _manifest_body(self) -> dict[str, Any]:
         return {
             "manifest": self._manifest.model_dump(mode="json"),
             "sha256": self._locator.sha256,
@@ -131,15 +150,25 @@ class TenfoldModel:
             "node_id": ray.get_runtime_context().get_node_id(),
         }
 
-    async def stats(self) -> dict[str, Any]:
-        """This replica's pool figures (calls, errors, busy time, queue depth, utilization)."""
-        return {**self._pool.stats().as_dict(), "pid": os.getpid()}
+    def _stats_body(self) -> dict[str, Any]:
+        return {**self._pool_stats().as_dict(), "pid": os.getpid()}
+
+    def _pool_stats(self) -> PoolStats:
+        stats = self._pool.stats()
+        return stats if self._dataplane is None else self._dataplane.merge(stats)
+
+    def _openapi(self) -> dict[str, Any]:
+        return openapi.document(self._manifest, title=self._args.name or self._manifest.name)
+
+    def _health(self) -> dict[str, Any]:
+        stats = self._pool_stats()
+        return {"status": "ok", "interpreters": stats.size, "healthy": stats.healthy, "pid": os.getpid()}
 
     # -- Serve hooks ---------------------------------------------------------------------------
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """What `tenfold.integration.policy` scales on: utilization, pending calls, live interpreters."""
-        stats = self._pool.stats()
+        stats = self._pool_stats()
         self._metrics.observe_pool(stats)
         return {
             policy.UTILIZATION: float(stats.utilization),
@@ -148,8 +177,11 @@ class TenfoldModel:
         }
 
     async def check_health(self) -> None:
-        """Fails when no interpreter is in service, or when they neither answer a ping nor make progress."""
-        stats = self._pool.stats()
+        """Fails when no interpreter is in service, when the HTTP servers on http_port are no longer watched, or
+        when the interpreters neither answer a ping nor make progress."""
+        if self._dataplane is not None:
+            self._dataplane.check()
+        stats = self._pool_stats()
         self._metrics.observe_pool(stats)
         if stats.healthy == 0:
             raise RuntimeError(f"none of the {stats.size} interpreters of this replica is in service")
@@ -169,8 +201,16 @@ class TenfoldModel:
                 ) from None
 
     def __del__(self) -> None:
-        # Serve calls this on a graceful stop (scale-down, delete, shutdown): drain the calls in flight,
-        # then park the interpreters.
+        # Serve calls this on a graceful stop (scale-down, delete, shutdown): stop accepting on http_port and
+        # drain the requests accepted there, drain the calls in flight, then park the interpreters.
+        self._close()
+
+    def _close(self) -> None:
+        dataplane = getattr(self, "_dataplane", None)
+        if dataplane is not None:
+            if not dataplane.stop():
+                _logger.warning("the HTTP servers on port %d did not all finish within http_drain_timeout_s",
+                                dataplane.port)
         model, pool = getattr(self, "_model", None), getattr(self, "_pool", None)
         if model is not None:
             model.close()
@@ -214,7 +254,7 @@ class TenfoldModel:
             if future is not None:
                 # Off the event loop: the interrupt waits up to interrupt_grace_s for the interpreter.
                 asyncio.get_running_loop().run_in_executor(None, self._interrupt, future)
-            raise RequestTimeout(f"the call took longer than request_timeout_s ({timeout:g} s)") from None
+            raise routes.timed_out(timeout) from None
 
     def _interrupt(self, future: Any) -> None:
         """Free the interpreter of a timed-out call: cancelled if queued, TimeoutError raised in it if
@@ -247,7 +287,7 @@ class TenfoldModel:
         try:
             response = await self._route(request)
         except BaseException as exc:
-            error = _classify(exc, self._args.request_timeout_s)
+            error = routes.classify(exc)
             if error.status >= 500 and not isinstance(exc, codec.HTTPError | RequestTimeout) and \
                     remote_traceback(exc) is None:
                 _logger.exception("request failed")  # ours, not the caller's nor the model's
@@ -257,37 +297,22 @@ class TenfoldModel:
         return response
 
     async def _route(self, request: Request) -> Response:
-        path = request.scope.get("path", "/")
-        root = request.scope.get("root_path", "")
-        if root and path.startswith(root):
-            path = path[len(root):]
-        path = "/" + path.strip("/")
-        if path == "/":
-            if request.method != "POST":
-                raise codec.HTTPError("POST inputs to /; GET /-/manifest for the signature", status=405,
-                                     kind="MethodNotAllowed", headers={"Allow": "POST"})
+        route = routes.resolve(request.method, request.scope.get("path", "/"), request.scope.get("root_path", ""))
+        if route == routes.PREDICT:
             return await self._predict(request)
-        if path in ("/-/manifest", "/-/stats", "/-/openapi.json"):
-            if request.method != "GET":
-                raise codec.HTTPError(f"GET {path}", status=405, kind="MethodNotAllowed", headers={"Allow": "GET"})
-            if path == "/-/openapi.json":
-                body = openapi.document(self._manifest, title=self._args.name or self._manifest.name)
-            else:
-                body = await (self.manifest() if path == "/-/manifest" else self.stats())
-            return Response(codec.json.dumps(body).encode(), media_type=codec.JSON_TYPE)
-        raise codec.HTTPError(f"no route {path}: POST / to predict, GET /-/manifest, GET /-/stats, "
-                              "GET /-/openapi.json", status=404, kind="NotFound")
+        if route == routes.OPENAPI:
+            body = self._openapi()
+        elif route == routes.MANIFEST:
+            body = self._manifest_body()
+        elif route == routes.STATS:
+            body = self._stats_body()
+        else:
+            body = self._health()
+        return Response(codec.json.dumps(body).encode(), media_type=codec.JSON_TYPE)
 
     async def _predict(self, request: Request) -> Response:
-        media = request.headers.get("content-type", codec.JSON_TYPE).split(";")[0].strip().lower()
-        if media not in (codec.JSON_TYPE, codec.ARROW_TYPE):
-            raise codec.UnsupportedMediaType(
-                f"Content-Type {media!r} is not served; send {codec.JSON_TYPE} or {codec.ARROW_TYPE}"
-            )
+        media = routes.media_type(request.headers.get("content-type"), self._interface)
         body = await _read_body(request, self._args.max_request_bytes)
-        if media == codec.ARROW_TYPE and self._interface.takes_values:
-            raise codec.UnsupportedMediaType(
-                f"this model takes Python values {self._interface.signature}: send {codec.JSON_TYPE}")
         if self._batched is None:
             # Decoding, the call and encoding all happen in an interpreter: the host only moves bytes.
             predict = codec.predict_json if media == codec.JSON_TYPE else codec.predict_arrow
@@ -306,38 +331,14 @@ class TenfoldModel:
 
 async def _read_body(request: Request, limit: int) -> bytes:
     """The body, refused with 413 as soon as it is known to exceed `limit` bytes (never buffered past it)."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            size = int(declared)
-        except ValueError:
-            raise codec.MalformedRequest(f"Content-Length {declared!r} is not a number") from None
-        if size > limit:
-            raise codec.PayloadTooLarge(f"the body has {size} bytes, over max_request_bytes ({limit})")
+    routes.check_declared_length(request.headers.get("content-length"), limit)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise codec.PayloadTooLarge(f"the body is over max_request_bytes ({limit})")
+            raise routes.too_large(limit)
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def _classify(exc: BaseException, timeout_s: float | None) -> codec.HTTPError:
-    """The HTTP answer for an exception raised while serving a request."""
-    if isinstance(exc, codec.HTTPError):
-        return exc
-    if isinstance(exc, RequestTimeout):
-        return codec.HTTPError(str(exc), status=504, kind="Timeout")
-    if remote_traceback(exc) is not None:  # raised by the model (or its code) inside an interpreter
-        kind = exc.remote_type if isinstance(exc, RemoteError) else \
-            f"{type(exc).__module__}.{type(exc).__qualname__}".removeprefix("builtins.")
-        message = exc.remote_message if isinstance(exc, RemoteError) else str(exc)
-        return codec.HTTPError(f"{kind}: {message}", status=500, kind="ModelError")
-    if isinstance(exc, BrokenInterpreterPool | InterpreterLost):
-        return codec.HTTPError(f"this replica cannot serve: {exc}", status=503, kind="Unavailable",
-                              headers={"Retry-After": "1"})
-    return codec.HTTPError(f"{type(exc).__name__}: {exc}", status=500, kind="InternalError")
 
 
 def _forget(future: asyncio.Future) -> None:

@@ -6,7 +6,9 @@ from ray.serve import metrics
 
 from tenfold.runtime import PoolStats
 
-_LATENCY_BOUNDARIES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000]
+from ._server import LATENCY_BOUNDS_MS
+
+_LATENCY_BOUNDARIES_MS = list(LATENCY_BOUNDS_MS)
 
 
 class ReplicaMetrics:
@@ -33,6 +35,17 @@ class ReplicaMetrics:
             "tenfold_request_errors", description="Requests answered with an error.", tag_keys=("protocol", "status")
         )
 
+        # The interpreters count their own requests on http_port; the host adds them up here every half second.
+        self.http_port_requests = metrics.Counter(
+            "tenfold_http_port_requests", description="Requests answered on http_port by the interpreters' servers."
+        )
+        self.http_port_latency = metrics.Counter(
+            "tenfold_http_port_latency_ms",
+            description="Requests answered on http_port, by latency bucket: `le` is the bucket's upper bound in ms "
+            "(not cumulative).",
+            tag_keys=("le",),
+        )
+
     def observe_pool(self, stats: PoolStats) -> None:
         self.utilization.set(stats.utilization)
         self.queue_depth.set(stats.queue_depth)
@@ -42,3 +55,13 @@ class ReplicaMetrics:
         self.latency_ms.observe(seconds * 1000.0, tags={"protocol": protocol})
         if status >= 400:
             self.errors.inc(tags={"protocol": protocol, "status": str(status)})
+
+    def observe_http_port(self, *, requests: int, statuses: dict[int, int], latency_buckets: list[int]) -> None:
+        if requests:
+            self.http_port_requests.inc(requests)
+        for status, count in statuses.items():
+            if count:
+                self.errors.inc(count, tags={"protocol": "http_port", "status": str(status)})
+        for bound, count in zip([*map(str, _LATENCY_BOUNDARIES_MS), "+Inf"], latency_buckets):
+            if count:
+                self.http_port_latency.inc(count, tags={"le": bound})

@@ -57,6 +57,11 @@ class ReplicatedModel:
         self.manifest = manifest
         self._signature = manifest.signature()
 
+    @property
+    def model_id(self) -> str:
+        """The id this model is loaded under in every interpreter (see `apply_loaded`)."""
+        return self._id
+
     def check_inputs(self, inputs: tuple[Any, ...] | list[Any]) -> None:
         """Raise ValueError naming the first input that surely does not match the manifest's signature (count,
         and tensors' dtype and shape); the rest is checked where the model runs."""
@@ -249,6 +254,12 @@ def _apply(model_id: str, call: tuple[Callable[..., Any], tuple[Any, ...]]) -> A
                 "interpreter and read-only. Fix the model, or load it with copy_weights=True",
             ) from None
         raise
+
+
+def apply_loaded(model_id: str, fn: Callable[..., Any], /, *args: Any) -> Any:
+    """`fn(model, *args)` with the model `model_id` as loaded in *this* interpreter (under torch.no_grad), as
+    `ReplicatedModel.apply` runs it: for code that already runs inside the interpreter, e.g. its HTTP server."""
+    return _apply(model_id, (fn, args))
 
 
 def _drop(model_id: str) -> bool:

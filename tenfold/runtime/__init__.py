@@ -1,6 +1,7 @@
 """tenfold.runtime: several isolated CPython interpreters in one process, behind an Executor."""
 
 from ._glibc import GLIBC_TUNABLES, static_tls_ready, with_glibc_tunables
+from ._guest import raise_in_thread
 from .errors import (
     BrokenInterpreterPool,
     InterpreterLost,
@@ -28,6 +29,7 @@ __all__ = [
     "RuntimeFault",
     "interpreters_alive",
     "interpreters_parked",
+    "raise_in_thread",
     "remote_traceback",
     "static_tls_ready",
     "usable_cores",

@@ -118,6 +118,7 @@ def _handle(addr: int) -> int:
 def start(handler_slot: int, libpython: str) -> None:
     """Install the call handler and write its address to `handler_slot` (host memory)."""
     api = ctypes.PyDLL(libpython)  # this interpreter's own C API (ctypes.pythonapi is the host's)
+    _state["api"] = api
     set_async_exc = api.PyThreadState_SetAsyncExc
     set_async_exc.argtypes = [ctypes.c_ulong, ctypes.c_void_p]
     ident = threading.get_ident()
@@ -143,3 +144,15 @@ def configure(path: list[str], threads: int) -> None:
     torch = sys.modules.get("torch")
     if torch is not None:
         torch.set_num_threads(threads)
+
+
+def raise_in_thread(thread_id: int, exc_type: type[BaseException] | None) -> None:
+    """Raise `exc_type` in thread `thread_id` of the calling interpreter at its next bytecode, e.g. to stop a
+    call past its deadline; None withdraws one not raised yet. Works in the host interpreter too."""
+    api = _state.get("api", ctypes.pythonapi)  # the host's, where this module was not started as a guest
+    if exc_type is None:
+        clear = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)(("PyThreadState_SetAsyncExc", api))
+        clear(thread_id, None)
+    else:
+        set_exc = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.py_object)(("PyThreadState_SetAsyncExc", api))
+        set_exc(thread_id, exc_type)

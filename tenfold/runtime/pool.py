@@ -220,6 +220,31 @@ class InterpreterPool(Executor):
             futures = [self._enqueue(s, fn, args, kwargs) for s in self._slots if not s.lost]
         return [f.result() for f in futures]
 
+    def submit_to(self, index: int, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        """Schedule `fn(*args, **kwargs)` on interpreter `index` (as `stats()` numbers them), whatever its queue."""
+        with self._lock:
+            self._check_open()
+            slot = self._slot(index)
+            if slot.lost:
+                raise InterpreterLost(f"interpreter {index} is not in service")
+            return self._enqueue(slot, fn, args, kwargs)
+
+    def retire(self, index: int, reason: str) -> None:
+        """Take interpreter `index` out of service, as if it were lost (e.g. a server of its own died or is
+        stuck): its queued calls move to the others, its running call fails with InterpreterLost, and with
+        `replace_lost` another interpreter is started in its place."""
+        with self._lock:
+            slot = self._slot(index)
+            if slot.lost:
+                return
+            current = slot.current
+        self._lose(slot, current[0] if current is not None else None, reason)
+
+    def _slot(self, index: int) -> _Slot:
+        if not 0 <= index < len(self._slots):
+            raise ValueError(f"interpreter index must be between 0 and {len(self._slots) - 1}, got {index}")
+        return self._slots[index]
+
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop taking work; run (or with cancel_futures, cancel) what is queued; park the interpreters."""
         with self._lock:
@@ -261,7 +286,7 @@ class InterpreterPool(Executor):
         self._lose(slot, future, f"interpreter {slot.index} did not return within {grace_s} s of an interrupt")
         return False
 
-    def _lose(self, slot: _Slot, future: Future, reason: str) -> None:
+    def _lose(self, slot: _Slot, future: Future | None, reason: str) -> None:
         with self._lock:
             slot.lost = True
             moved = list(slot.queue)
@@ -275,7 +300,8 @@ class InterpreterPool(Executor):
                 else:
                     _fail(item.future, BrokenInterpreterPool("every interpreter of this pool was lost"))
             replace = self._replace_lost and not self._shutdown
-        _fail(future, InterpreterLost(reason))
+        if future is not None:
+            _fail(future, InterpreterLost(reason))
         if replace:
             threading.Thread(target=self._replace, args=(slot,), name=f"tenfold-replace-{slot.index}",
                              daemon=True).start()

@@ -1,0 +1,449 @@
+"""The half of the data plane that runs *inside* each interpreter: an HTTP server on the replica's listening
+socket that serves a request from its first byte to its last (accept, parse, decode, validate, call the
+model, encode, write), so that the replica's host interpreter never touches it.
+
+The server is stock uvicorn (httptools parser, uvloop) on a thread of this interpreter's own, with a
+watchdog thread beside it. What the host needs to know (calls, busy time, the call in progress, statuses,
+latencies) is written into a block of int64 counters that this interpreter owns and never frees; the host
+reads it without taking any GIL, and writes one word into it: STOP. The replica's stats are read the other
+way, from a snapshot the host keeps in its own memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from tenfold.runtime import raise_in_thread
+
+from . import codec, routes
+
+# The counter block: one int64 per field, in this interpreter's memory.
+STOP = 0  # host -> server: 1 = stop accepting, finish what was accepted, exit
+STATE = 1  # server -> host: 0 starting, 1 serving, 2 stopped, 3 failed
+REQUESTS = 2  # requests answered
+ERRORS = 3  # of them, answered with a status >= 400
+BUSY_NS = 4  # time spent answering requests to POST / (the model's and its codec's)
+CURRENT_NS = 5  # CLOCK_MONOTONIC ns at which the request in progress started its call, 0 when none
+SEQ = 6  # calls started
+HEARTBEAT_NS = 7  # the watchdog's last round
+CONNECTIONS = 8  # open connections
+TIMEOUTS = 9  # calls interrupted past request_timeout_s
+STATUSES = (400, 404, 405, 408, 413, 415, 422, 500, 503, 504)
+STATUS_BASE = 10  # one counter per status above
+LATENCY_BOUNDS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000)
+LATENCY_BASE = STATUS_BASE + len(STATUSES)  # one counter per bucket, and one past the last bound
+FIELDS = LATENCY_BASE + len(LATENCY_BOUNDS_MS) + 1
+
+SERVING, STOPPED, FAILED = 1, 2, 3
+_STATUS_INDEX = {status: STATUS_BASE + i for i, status in enumerate(STATUSES)}
+_logger = logging.getLogger("tenfold.http")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What an interpreter's server needs, sent once by the host when the server starts."""
+
+    model_id: str
+    interface: codec.Interface
+    max_request_bytes: int
+    request_timeout_s: float | None
+    read_timeout_s: float
+    keep_alive_s: float
+    drain_timeout_s: float
+    max_connections: int | None  # per interpreter; past it a request is answered 503
+    retry_after_s: float
+    manifest: bytes  # the body of GET /-/manifest
+    openapi: bytes  # the body of GET /-/openapi.json
+    snapshot: int  # host address of the replica's stats snapshot (see dataplane.Snapshot)
+    peers: int  # host address of PEERS int64 words: the counter blocks of the replica's servers (0: none)
+
+
+PEERS = 16
+
+
+_JSON = [(b"content-type", codec.JSON_TYPE.encode())]
+_blocks: list[Any] = []  # every block this interpreter handed out: never freed, the host may still read one
+_server: dict[str, Any] = {}
+
+
+def start(fd: int, settings: Settings) -> int:
+    """Start serving on listening socket `fd` (shared with the host and the other interpreters); returns the
+    address of this server's counter block once it accepts connections."""
+    stop(settings.drain_timeout_s)  # a parked interpreter taken by a new pool may still serve the old one
+    block = (ctypes.c_int64 * FIELDS)()
+    _blocks.append(block)
+    server = _Server(socket.socket(fileno=os.dup(fd)), settings, block)
+    server.start()
+    _server["current"] = server
+    return ctypes.addressof(block)
+
+
+def stop(timeout_s: float) -> bool:
+    """Stop this interpreter's server (as the host's STOP does) and wait up to `timeout_s` for it to exit."""
+    server = _server.pop("current", None)
+    if server is None:
+        return True
+    server.block[STOP] = 1
+    server.thread.join(timeout_s + 1.0)
+    return not server.thread.is_alive()
+
+
+def address() -> int:
+    """The counter block of the server running in this interpreter (0 when none)."""
+    server = _server.get("current")
+    return 0 if server is None else ctypes.addressof(server.block)
+
+
+def read_snapshot(addr: int) -> bytes:
+    """The replica's latest stats (JSON), from the host's seqlocked buffer: [seq, size, bytes...]."""
+    header = (ctypes.c_int64 * 2).from_address(addr)
+    for _ in range(100):
+        seq = header[0]
+        if seq % 2 == 0:
+            data = ctypes.string_at(addr + 16, header[1])
+            if header[0] == seq:
+                return data
+        time.sleep(0)
+    return b"{}"
+
+
+class _Server:
+    """One interpreter's uvicorn server, its watchdog, and the ASGI app that answers every route."""
+
+    def __init__(self, sock: socket.socket, settings: Settings, block: Any) -> None:
+        import uvicorn
+
+        from tenfold.packaging.replicated import apply_loaded
+
+        self.settings, self.block, self._apply = settings, block, apply_loaded
+        self._interrupt_lock = threading.Lock()
+        self._interrupted = 0  # SEQ of the call the watchdog raised TimeoutError in
+        self._serving_thread = 0
+        self.sock = sock
+        self.protocol = _protocol(self)
+        config = uvicorn.Config(
+            self.app, loop="uvloop", http=self.protocol, interface="asgi3", lifespan="off", access_log=False,
+            log_level="warning",
+            timeout_keep_alive=max(1, round(settings.keep_alive_s)),
+            timeout_graceful_shutdown=max(1, round(settings.drain_timeout_s)), server_header=False,
+            date_header=False,
+        )
+        self.uvicorn = uvicorn.Server(config)
+        self.uvicorn.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment] # signals are the host's
+        self.thread = threading.Thread(target=self._serve, name="tenfold-http", daemon=True)
+        self._started = threading.Event()
+        self._failure: BaseException | None = None
+
+    def start(self) -> None:
+        self.thread.start()
+        threading.Thread(target=self._watch, name="tenfold-http-watchdog", daemon=True).start()
+        while not self._started.wait(0.05):
+            if not self.thread.is_alive():
+                break
+        if self._failure is not None or not self.uvicorn.started:
+            raise RuntimeError(f"the interpreter's HTTP server did not start: {self._failure!r}")
+
+    def _serve(self) -> None:
+        import uvloop
+
+        self._serving_thread = threading.get_ident()
+        try:
+            uvloop.run(self._run())
+        except BaseException as exc:  # noqa: BLE001 - reported to the host through STATE
+            self._failure = exc
+            self.block[STATE] = FAILED
+            _logger.exception("the interpreter's HTTP server failed")
+        else:
+            self.block[STATE] = STOPPED
+        finally:
+            self._started.set()
+            self.sock.close()
+
+    async def _run(self) -> None:
+        # uvicorn gets no socket of its own: connections are taken by the acceptor below, one at a time.
+        task = asyncio.ensure_future(self.uvicorn.serve(sockets=[]))
+        while not self.uvicorn.started and not task.done():
+            await asyncio.sleep(0.005)
+        if self.uvicorn.started:
+            self.acceptor = _Acceptor(self)
+            self.block[STATE] = SERVING
+        self._started.set()
+        await task
+
+    def _watch(self) -> None:
+        """Raise TimeoutError in a call past request_timeout_s; stop the server when the host says STOP."""
+        block, timeout = self.block, self.settings.request_timeout_s
+        poll_s = min(0.1, timeout / 10) if timeout else 0.1
+        while self.thread.is_alive() or not self._started.is_set():
+            now = time.monotonic_ns()
+            block[HEARTBEAT_NS] = now
+            if block[STOP] and not self.uvicorn.should_exit:
+                setattr(self.protocol, "draining", True)  # noqa: B010 - a class made at run time
+                acceptor = getattr(self, "acceptor", None)
+                if acceptor is not None:
+                    acceptor.loop.call_soon_threadsafe(acceptor.stop)
+                self.uvicorn.should_exit = True
+            started = block[CURRENT_NS]
+            if timeout and started and now - started > timeout * 1e9:
+                with self._interrupt_lock:
+                    seq = block[SEQ]
+                    if block[CURRENT_NS] == started and self._interrupted != seq:
+                        self._interrupted = seq
+                        block[TIMEOUTS] += 1
+                        raise_in_thread(self._serving_thread, TimeoutError)
+            time.sleep(poll_s)
+
+    # -- the ASGI app ---------------------------------------------------------------------------
+
+    async def app(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        t0 = time.perf_counter()
+        block = self.block
+        try:
+            status, headers, body = await self._answer(scope, receive)
+        except Exception as exc:  # noqa: BLE001 - every failure is answered, and the server goes on
+            if not isinstance(exc, codec.HTTPError):
+                _logger.exception("request failed")  # ours, not the caller's nor the model's
+            error = routes.classify(exc)
+            status, headers, body = error.status, self._error_headers(error), error.body()
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+        block[REQUESTS] += 1
+        if status >= 400:
+            block[ERRORS] += 1
+            index = _STATUS_INDEX.get(status)
+            if index is not None:
+                block[index] += 1
+        block[LATENCY_BASE + bisect.bisect_left(LATENCY_BOUNDS_MS, (time.perf_counter() - t0) * 1000.0)] += 1
+
+    @staticmethod
+    def _error_headers(error: codec.HTTPError) -> list[tuple[bytes, bytes]]:
+        headers = [*_JSON, *((k.lower().encode(), v.encode()) for k, v in error.headers.items())]
+        if error.status in (400, 408, 413):  # the rest of the body is not read: this connection cannot go on
+            headers.append((b"connection", b"close"))
+        return headers
+
+    async def _answer(self, scope: dict[str, Any], receive: Any) -> tuple[int, list, bytes]:
+        settings = self.settings
+        route = routes.resolve(scope["method"], scope["path"], scope.get("root_path", ""))
+        if route == routes.PREDICT:
+            return 200, *(await self._predict(scope, receive))
+        if route == routes.MANIFEST:
+            return 200, [*_JSON], settings.manifest
+        if route == routes.OPENAPI:
+            return 200, [*_JSON], settings.openapi
+        if route == routes.STATS:
+            return 200, [*_JSON], read_snapshot(settings.snapshot)
+        if self.block[STOP]:
+            raise codec.HTTPError("this replica is stopping", status=503, kind="Unavailable",
+                                  headers={"Retry-After": "1"})
+        return 200, [*_JSON], json.dumps({"status": "ok", "pid": os.getpid()}).encode()
+
+    async def _predict(self, scope: dict[str, Any], receive: Any) -> tuple[list, bytes]:
+        settings = self.settings
+        limit = settings.max_connections
+        if limit is not None and self.block[CONNECTIONS] > limit:
+            raise routes.overloaded(settings.retry_after_s)
+        content_type = content_length = None
+        for name, value in scope["headers"]:
+            if name == b"content-type":
+                content_type = value.decode("latin-1")
+            elif name == b"content-length":
+                content_length = value.decode("latin-1")
+        media = routes.media_type(content_type, settings.interface)
+        routes.check_declared_length(content_length, settings.max_request_bytes)
+        body = await _read_body(receive, settings.max_request_bytes)
+        predict = codec.predict_json if media == codec.JSON_TYPE else codec.predict_arrow
+        return [(b"content-type", media.encode())], self._call(predict, body)
+
+    def _call(self, predict: Any, body: bytes) -> bytes:
+        """The model's answer, computed right here on the server's thread: this interpreter does nothing else
+        meanwhile, and the other interpreters take the other connections."""
+        block = self.block
+        with self._interrupt_lock:
+            block[SEQ] += 1
+            seq = block[SEQ]
+            started = block[CURRENT_NS] = time.monotonic_ns()
+        try:
+            try:
+                return self._apply(self.settings.model_id, predict, body, self.settings.interface)
+            finally:
+                with self._interrupt_lock:
+                    block[CURRENT_NS] = 0
+                    block[BUSY_NS] += time.monotonic_ns() - started
+                    if self._interrupted == seq:  # raised, or still pending as the call returned: spare the rest
+                        raise_in_thread(self._serving_thread, None)
+        except codec.HTTPError:
+            raise
+        except TimeoutError as exc:
+            if self._interrupted == seq:
+                raise routes.classify(routes.timed_out(self.settings.request_timeout_s or 0.0)) from None
+            raise routes.model_error(exc) from None
+        except Exception as exc:  # noqa: BLE001 - the model's: a 500 with its type, and the server goes on
+            _logger.debug("the model raised %s", type(exc).__name__, exc_info=exc)
+            raise routes.model_error(exc) from None
+
+
+class _Acceptor:
+    """Takes connections from the shared listening socket one at a time, and leaves each to the interpreter
+    with the fewest open connections among those free to take it.
+
+    Every interpreter's loop is woken by a new connection. An interpreter running a call is not: it takes
+    none meanwhile. Among the others, one that holds more connections than an idle peer waits a millisecond
+    (and then takes it if the peer has not), so that keep-alive connections, which stay with the interpreter
+    that accepted them, spread evenly, and no interpreter sits idle while another has several clients."""
+
+    DEFER_S = 0.001
+
+    def __init__(self, server: _Server) -> None:
+        import functools
+
+        self.server, self.sock = server, server.sock
+        self.loop = asyncio.get_running_loop()
+        u = server.uvicorn
+        self.factory = functools.partial(u.config.http_protocol_class, config=u.config, server_state=u.server_state,
+                                         app_state=u.lifespan.state)
+        self.peers = (ctypes.c_int64 * PEERS).from_address(server.settings.peers)
+        self.own = ctypes.addressof(server.block)
+        self.stopped = False
+        self.loop.add_reader(self.sock.fileno(), self._ready)
+
+    def stop(self) -> None:
+        if not self.stopped:
+            self.stopped = True
+            self.loop.remove_reader(self.sock.fileno())
+
+    def _resume(self) -> None:
+        if not self.stopped and not self.server.uvicorn.should_exit:
+            self.loop.add_reader(self.sock.fileno(), self._ready)
+
+    def _ready(self) -> None:
+        if self.server.uvicorn.should_exit:
+            self.stop()
+            return
+        if self._defer():
+            self.loop.remove_reader(self.sock.fileno())
+            self.loop.call_later(self.DEFER_S, self._resume)
+            return
+        try:
+            conn, _ = self.sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return  # another interpreter took it
+        except OSError:
+            _logger.exception("accepting a connection failed")
+            return
+        conn.setblocking(False)
+        if conn.family in (socket.AF_INET, socket.AF_INET6):
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.loop.create_task(self.loop.connect_accepted_socket(self.factory, conn))
+
+    def _defer(self) -> bool:
+        mine = self.server.block[CONNECTIONS]
+        for address in self.peers:
+            if address and address != self.own:
+                peer = (ctypes.c_int64 * FIELDS).from_address(address)
+                if peer[STATE] == SERVING and not peer[STOP] and not peer[CURRENT_NS] and peer[CONNECTIONS] < mine:
+                    return True
+        return False
+
+
+async def _read_body(receive: Any, limit: int) -> bytes:
+    chunks, size, more = [], 0, True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise codec.MalformedRequest("the client went away before sending the whole body")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise routes.too_large(limit)
+        chunks.append(chunk)
+        more = message.get("more_body", False)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+# -- the connection protocol: uvicorn's, with a read deadline and a gentler drain ----------------------
+
+
+def _protocol(server: _Server) -> type:
+    """uvicorn's httptools protocol, plus: a request's headers and body must arrive within read_timeout_s
+    (else 408 and the connection closes, so a slow client never holds the interpreter); open connections are
+    counted into the block; and when draining, idle keep-alive connections get a moment for one last request,
+    answered with `Connection: close`, rather than being closed under a client that is about to send."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    settings, block = server.settings, server.block
+    timeout_body = codec.HTTPError(
+        f"the request did not arrive within {settings.read_timeout_s:g} s", status=408, kind="RequestTimeout").body()
+    timeout_response = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                        b"content-length: " + str(len(timeout_body)).encode() + b"\r\n\r\n" + timeout_body)
+
+    class Protocol(HttpToolsProtocol):
+        draining = False
+        _read_timer: Any = None
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            block[CONNECTIONS] += 1
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            block[CONNECTIONS] -= 1
+            self._stop_read_timer()
+            super().connection_lost(exc)
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._read_timer = self.loop.call_later(settings.read_timeout_s, self._read_timed_out)
+
+        def on_headers_complete(self) -> None:
+            super().on_headers_complete()
+            if Protocol.draining and self.cycle is not None:
+                self.cycle.keep_alive = False
+
+        def on_message_complete(self) -> None:
+            self._stop_read_timer()
+            super().on_message_complete()
+
+        def _stop_read_timer(self) -> None:
+            if self._read_timer is not None:
+                self._read_timer.cancel()
+                self._read_timer = None
+
+        def _read_timed_out(self) -> None:
+            self._read_timer = None
+            if self.transport.is_closing():
+                return
+            if self.cycle is None or self.cycle.response_complete or not self.cycle.response_started:
+                self.transport.write(timeout_response)
+                block[REQUESTS] += 1
+                block[ERRORS] += 1
+                block[_STATUS_INDEX[408]] += 1
+            self.transport.close()
+
+        def shutdown(self) -> None:
+            if self.cycle is None or self.cycle.response_complete:
+                # Idle: a request may be on its way; it is answered, with Connection: close, if it comes soon.
+                self.loop.call_later(0.5, self._close_if_idle)
+            else:
+                self.cycle.keep_alive = False
+
+        def _close_if_idle(self) -> None:
+            if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+                self.transport.close()
+
+    return Protocol
+
+
