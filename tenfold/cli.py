@@ -3,7 +3,7 @@
     tenfold package MODULE:FACTORY -o model.pt     package a model as an archive
     tenfold inspect model.pt                       print its manifest, check its digests
     tenfold serve model.pt|MODULE:FACTORY          serve it with Ray Serve until Ctrl-C
-    tenfold bench runtime|packaging|serve|soak     run a benchmark
+    tenfold bench runtime|packaging|serve|dataplane|soak   run a benchmark
 
 Handlers import what they need (torch, ray) when they run, so that `tenfold --help` stays fast.
 """
@@ -140,9 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sha256", help="refuse the archive unless its sha256 is this")
     p.set_defaults(handler=_serve)
 
-    bench = commands.add_parser("bench", help="run a benchmark (runtime, packaging, serve, soak)").add_subparsers(
-        dest="bench", required=True, metavar="BENCHMARK"
-    )
+    bench = commands.add_parser(
+        "bench", help="run a benchmark (runtime, packaging, serve, dataplane, soak)"
+    ).add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
     p = bench.add_parser(
         "runtime",
         help="interpreters vs threads vs processes vs TorchScript: throughput, memory, start-up, round trip",
@@ -188,6 +188,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=_positive(int), default=8, help="requests outstanding at once")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="directory for serve.json and serve.png")
     p.set_defaults(handler=_bench("serve"))
+
+    p = bench.add_parser(
+        "dataplane", help="requests served inside the interpreters (http_port) vs plain Serve and uvicorn processes",
+        description="Serve each model on 2 CPUs as tenfold through http_port (1 replica x 2 interpreters), as 2 "
+        "plain Serve replicas through the proxy and with direct ingress (RAY_SERVE_THROUGHPUT_OPTIMIZED=1), and "
+        "as 2 uvicorn worker processes; load each with wrk (8 keep-alive connections) in interleaved rounds; "
+        "print throughput, p99, CPU per request and the host's CPU per request; write dataplane.json and "
+        "dataplane.png.",
+    )
+    p.add_argument("--models", default="echo,rnn_tagger,minilm_embedder", help="comma-separated subset")
+    p.add_argument("--rounds", type=_positive(int), default=3, help="interleaved rounds per set-up and phase")
+    p.add_argument("--seconds", type=_positive(float), default=5.0, help="load per set-up and round")
+    p.add_argument("--out", type=Path, default=Path("bench-results"))
+    p.set_defaults(handler=_bench("dataplane"))
 
     p = bench.add_parser(
         "soak",

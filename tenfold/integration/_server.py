@@ -43,7 +43,9 @@ STATUSES = (400, 404, 405, 408, 413, 415, 422, 500, 503, 504)
 STATUS_BASE = 10  # one counter per status above
 LATENCY_BOUNDS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000)
 LATENCY_BASE = STATUS_BASE + len(STATUSES)  # one counter per bucket, and one past the last bound
-FIELDS = LATENCY_BASE + len(LATENCY_BOUNDS_MS) + 1
+SERVER_TID = LATENCY_BASE + len(LATENCY_BOUNDS_MS) + 1  # native thread ids of the server and its watchdog,
+WATCHDOG_TID = SERVER_TID + 1  # so that a profiler can tell this interpreter's CPU time from the host's
+FIELDS = WATCHDOG_TID + 1
 
 SERVING, STOPPED, FAILED = 1, 2, 3
 _STATUS_INDEX = {status: STATUS_BASE + i for i, status in enumerate(STATUSES)}
@@ -158,6 +160,7 @@ class _Server:
         import uvloop
 
         self._serving_thread = threading.get_ident()
+        self.block[SERVER_TID] = threading.get_native_id()
         try:
             uvloop.run(self._run())
         except BaseException as exc:  # noqa: BLE001 - reported to the host through STATE
@@ -184,6 +187,7 @@ class _Server:
     def _watch(self) -> None:
         """Raise TimeoutError in a call past request_timeout_s; stop the server when the host says STOP."""
         block, timeout = self.block, self.settings.request_timeout_s
+        block[WATCHDOG_TID] = threading.get_native_id()
         poll_s = min(0.1, timeout / 10) if timeout else 0.1
         while self.thread.is_alive() or not self._started.is_set():
             now = time.monotonic_ns()
@@ -314,7 +318,8 @@ class _Acceptor:
         self.server, self.sock = server, server.sock
         self.loop = asyncio.get_running_loop()
         u = server.uvicorn
-        self.factory = functools.partial(u.config.http_protocol_class, config=u.config, server_state=u.server_state,
+        protocol: Any = u.config.http_protocol_class
+        self.factory = functools.partial(protocol, config=u.config, server_state=u.server_state,
                                          app_state=u.lifespan.state)
         self.peers = (ctypes.c_int64 * PEERS).from_address(server.settings.peers)
         self.own = ctypes.addressof(server.block)

@@ -143,6 +143,12 @@ class DataPlane:
             ))
         return PoolStats(backend=stats.backend, interpreters=merged)
 
+    def threads(self) -> list[int]:
+        """Native ids of the threads the servers run on (to tell the interpreters' CPU time from the host's)."""
+        with self._lock:
+            blocks = [w.block for w in self._watched.values()]
+        return [b[f] for b in blocks for f in (_server.SERVER_TID, _server.WATCHDOG_TID) if b[f]]
+
     def check(self) -> None:
         """Raise when the servers are no longer watched (a health check fails on it)."""
         if not self._watcher.is_alive() and not self._stopping.is_set():
@@ -215,7 +221,7 @@ class DataPlane:
             self._metrics.observe_http_port(
                 requests=delta[_server.REQUESTS],
                 statuses={s: delta[_server.STATUS_BASE + i] for i, s in enumerate(_server.STATUSES)},
-                latency_buckets=delta[_server.LATENCY_BASE:_server.FIELDS],
+                latency_buckets=delta[_server.LATENCY_BASE:_server.SERVER_TID],
             )
 
     # -- stopping ------------------------------------------------------------------------------

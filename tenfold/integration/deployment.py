@@ -164,6 +164,12 @@ class TenfoldModel:
         stats = self._pool_stats()
         return {"status": "ok", "interpreters": stats.size, "healthy": stats.healthy, "pid": os.getpid()}
 
+    async def threads(self) -> dict[str, Any]:
+        """This replica's pid and the native ids of the threads its interpreters serve http_port on: what a
+        profiler needs to split the process's CPU time between the host and the interpreters."""
+        return {"pid": os.getpid(), "interpreter_threads": [] if self._dataplane is None else
+                self._dataplane.threads()}
+
     # -- Serve hooks ---------------------------------------------------------------------------
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
