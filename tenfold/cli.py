@@ -136,7 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replicas", type=_positive(int), default=1, help="replicas (default: 1)")
     p.add_argument("--backend", choices=("namespaces", "threads"), default="namespaces")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="Serve's HTTP proxy (default: 8000)")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="the port the interpreters serve HTTP on themselves (default: --port + 1; 0: none)")
     p.add_argument("--sha256", help="refuse the archive unless its sha256 is this")
     p.set_defaults(handler=_serve)
 
@@ -200,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", default="echo,rnn_tagger,minilm_embedder", help="comma-separated subset")
     p.add_argument("--rounds", type=_positive(int), default=3, help="interleaved rounds per set-up and phase")
     p.add_argument("--seconds", type=_positive(float), default=5.0, help="load per set-up and round")
+    p.add_argument("--handles", action=argparse.BooleanOptionalAction, default=True,
+                   help="also measure handle calls under Serve's replica settings (default: on)")
     p.add_argument("--out", type=Path, default=Path("bench-results"))
     p.set_defaults(handler=_bench("dataplane"))
 
@@ -420,9 +424,12 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         try:
+            if args.http_port is None:
+                args.http_port = args.port + 1
             app = app_builder({"archive": str(archive), "sha256": args.sha256, "name": name,
                                "interpreters": args.interpreters, "num_replicas": args.replicas,
-                               "backend": args.backend})
+                               "backend": args.backend, "http_port": args.http_port or None,
+                               "http_host": args.host})
         except DeployError as exc:
             print(f"tenfold serve: {exc}", file=sys.stderr)
             return 1
@@ -454,14 +461,25 @@ def _usage(name: str, args: argparse.Namespace, request_file: Path, signature: s
     data = f"'{body}'" if len(body) <= 160 and "'" not in body else f"@{request_file}"
     # A local Ray authenticates its clients with ~/.ray/auth_token, and a client uses it only when told to.
     auth = "RAY_AUTH_MODE=token " if os.environ.get("RAY_AUTH_MODE", "").lower() == "token" else ""
+    port_calls = ""
+    if args.http_port:
+        port_url = f"http://{args.host}:{args.http_port}/"
+        port_calls = f"""
+Straight to the interpreters (http_port {args.http_port}: each interpreter serves HTTP itself, the fastest way in):
+
+  curl -s -X POST {port_url} -H 'Content-Type: application/json' -d {data}
+  curl -s {port_url}-/stats
+"""
     return f"""
 tenfold is serving {name!r}: {args.replicas} replica(s) x {args.interpreters} interpreter(s) ({args.backend}).
 Its signature: {signature}
 
+Through Serve's HTTP proxy:
+
   curl -s -X POST {url} -H 'Content-Type: application/json' -d {data}
   curl -s {url}-/manifest
   curl -s {url}-/openapi.json
-
+{port_calls}
 From Python (another process on this machine), with the same inputs as Python values:
 
   {auth}{sys.executable} - <<'PY'

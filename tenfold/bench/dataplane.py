@@ -231,6 +231,86 @@ def _phase(direct: bool, models: list[str], build: Path, args: argparse.Namespac
     return rows
 
 
+# -- the handle path ---------------------------------------------------------------------------------
+
+#: Serve's replica-side settings that RAY_SERVE_THROUGHPUT_OPTIMIZED=1 changes (the router's and gRPC's are the
+#: caller's), tried one by one and together for a tenfold replica's handle calls.
+HANDLE_VARIANTS: dict[str, dict[str, str]] = {
+    "serve-defaults": {},
+    "user-code-on-the-loop": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"},
+    "all-replica-settings": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+                             "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000", "RAY_SERVE_LOG_TO_STDERR": "0",
+                             "RAY_SERVE_FREEZE_GC_ON_STARTUP": "1"},
+}
+
+
+async def _handle_load(handle: Any, inputs: list[Any], seconds: float, outstanding: int = 16) -> int:
+    import asyncio
+
+    deadline, done = time.monotonic() + seconds, 0
+
+    async def caller() -> None:
+        nonlocal done
+        while time.monotonic() < deadline:
+            await handle.remote(*inputs)
+            done += 1
+
+    await asyncio.gather(*(caller() for _ in range(outstanding)))
+    return done
+
+
+def _handle_phase(args: argparse.Namespace, build: Path) -> list[dict[str, Any]]:
+    """Host CPU per handle call of one tenfold replica (echo, 2 interpreters) under each of HANDLE_VARIANTS,
+    deployed side by side and loaded in interleaved rounds from this driver (16 calls outstanding)."""
+    import asyncio
+
+    import ray
+    from ray import serve
+
+    from tenfold.integration import app_builder
+
+    archive = common.example_archive("echo", build)
+    inputs = ["tenfold serves Python models"]
+    rows: list[dict[str, Any]] = []
+    try:
+        with common.local_serve(num_cpus=3 * CPUS):
+            handles, pids = {}, {}
+            for variant, env in HANDLE_VARIANTS.items():
+                app = app_builder({"archive": str(archive), "interpreters": 2, "num_cpus": CPUS,
+                                   "threads_per_interpreter": 1, "env_vars": env, "name": variant})
+                handles[variant] = serve.run(app, name=variant, route_prefix=f"/{variant}")
+                pids[variant] = handles[variant].stats.remote().result()["pid"]
+                asyncio.run(_handle_load(handles[variant], inputs, 1.0))  # warm-up
+            names = list(HANDLE_VARIANTS)
+            for r in range(args.rounds):
+                for variant in (names if r % 2 == 0 else names[::-1]):
+                    cpu0, _ = _cpu({pids[variant]}, {})
+                    t0 = time.monotonic()
+                    calls = asyncio.run(_handle_load(handles[variant], inputs, args.seconds))
+                    took = time.monotonic() - t0
+                    cpu1, _ = _cpu({pids[variant]}, {})
+                    row = {"variant": variant, "round": r, "calls": calls, "calls_per_s": calls / took,
+                           "replica_cpu_ms_per_call": 1000.0 * (cpu1 - cpu0) / max(1, calls)}
+                    rows.append(row)
+                    print(f"  handle {variant:22} round {r}: {row['calls_per_s']:7.0f} calls/s  replica cpu/call "
+                          f"{row['replica_cpu_ms_per_call']:.3f} ms", flush=True)
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    return rows
+
+
+def _handle_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for variant in HANDLE_VARIANTS:
+        mine = [r for r in rows if r["variant"] == variant]
+        if mine:
+            out.append({"variant": variant, "env": HANDLE_VARIANTS[variant],
+                        "calls_per_s": statistics.median(r["calls_per_s"] for r in mine),
+                        "replica_cpu_ms_per_call": statistics.median(r["replica_cpu_ms_per_call"] for r in mine)})
+    return out
+
+
 def _body(model: str, archive: Path) -> bytes:
     return common.example_body(archive)
 
@@ -287,12 +367,38 @@ def run(args: argparse.Namespace) -> int:
         print(f"phase: plain Serve {'with direct ingress' if direct else 'through its proxy'}", flush=True)
         rows += _phase(direct, models, build, args)
     summary = summarize(rows)
+    handle_rows = []
+    if args.handles:
+        print("phase: handle calls to a tenfold replica under Serve's replica settings", flush=True)
+        handle_rows = _handle_phase(args, build)
+    handles = _handle_summary(handle_rows)
     print(table(summary))
-    report = {"rows": rows, "summary": summary, "cpus": CPUS, "connections": CONNECTIONS,
-              "seconds": args.seconds, "rounds": args.rounds, "machine": f"{os.cpu_count()} cores"}
+    if handles:
+        print(common.markdown_table(["replica settings", "calls/s", "replica CPU ms/call"],
+                                    [[h["variant"], f"{h['calls_per_s']:,.0f}", f"{h['replica_cpu_ms_per_call']:.3f}"]
+                                     for h in handles]))
+    print(capacity(summary))
+    report = {"rows": rows, "summary": summary, "handle_rows": handle_rows, "handles": handles, "cpus": CPUS,
+              "connections": CONNECTIONS, "seconds": args.seconds, "rounds": args.rounds,
+              "machine": f"{os.cpu_count()} cores"}
     json_path, png_path = common.write_report(args.out, "dataplane", report, lambda p: _plot(summary, p))
     print(f"wrote {json_path} and {png_path}")
     return 0
+
+
+def capacity(summary: list[dict[str, Any]]) -> str:
+    """What the figures mean for sizing: on http_port a request costs the host ~nothing, so a replica's rate
+    is its interpreters' (1 / (model ms + serving ms) each); the echo row gives the serving cost per request."""
+    echo = [s for s in summary if s["model"] == "echo" and s["setup"] == "tenfold-port"]
+    if not echo:
+        return ""
+    e = echo[0]
+    serving_ms = e["cpu_ms_per_request"] - (e["host_cpu_ms_per_request"] or 0.0)
+    return (f"\nSizing (http_port): the host spends {e['host_cpu_ms_per_request'] or 0.0:.4f} ms per request; an "
+            f"interpreter spends {serving_ms:.3f} ms of CPU per request besides the model (HTTP, JSON, the load "
+            "generator's share on this machine). With a model of M ms, one interpreter serves about "
+            f"1000 / (M + {serving_ms:.2f}) requests/s, a replica N times that, up to one interpreter per core and "
+            "15 per process.")
 
 
 def _plot(summary: list[dict[str, Any]], path: Path) -> None:

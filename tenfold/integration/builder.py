@@ -15,6 +15,10 @@ from .config import AppArgs
 from .deployment import TenfoldModel
 from .sources import ArchiveSource, ArchiveUnavailable, fetch_with_digest
 
+#: Serve's settings for a replica process that tenfold sets (a user's env_vars override them). Measured by
+#: `tenfold bench dataplane`; see docs/benchmarks.md.
+REPLICA_ENV: dict[str, str] = {}
+
 
 class DeployError(ValueError):
     """The application cannot be deployed as configured; the message says why and what to change."""
@@ -41,7 +45,7 @@ def _check_batching(args: AppArgs, manifest: Any) -> None:
 def _deployment_options(args: AppArgs, name: str) -> dict[str, Any]:
     from tenfold.runtime import GLIBC_TUNABLES
 
-    env = {"GLIBC_TUNABLES": GLIBC_TUNABLES}
+    env = {**REPLICA_ENV, **args.env_vars, "GLIBC_TUNABLES": GLIBC_TUNABLES}
     options: dict[str, Any] = {
         "name": name,
         "ray_actor_options": {"num_cpus": args.replica_num_cpus, "runtime_env": {"env_vars": env}},

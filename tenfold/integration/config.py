@@ -125,6 +125,10 @@ class AppArgs(BaseModel):
         10.0, description="When a replica stops, how long its servers on http_port may take to finish the requests "
         "they accepted (they stop accepting at once; the node's other replicas take new connections)."
     )
+    env_vars: dict[str, str] = Field(
+        default_factory=dict, description="Environment variables of the replicas' processes, beside those tenfold "
+        "sets (GLIBC_TUNABLES, which a replica needs set before it starts, and Serve's replica settings below)."
+    )
     health_check_period_s: PositiveFloat = Field(10.0, description="How often Serve pings every interpreter.")
     health_check_timeout_s: PositiveFloat = Field(30.0, description="A ping slower than this fails the replica.")
 

@@ -40,9 +40,9 @@ def serving(command: list[str], cwd: Path, log_path: Path) -> Iterator[str]:
     assert "stopping: draining replicas" in log_path.read_text()
 
 
-def curl(printed: str) -> requests.Response:
-    """The printed `curl -s -X POST ...` call, sent as printed (its body inline or from its file)."""
-    line = next(x for x in printed.splitlines() if "curl -s -X POST" in x)
+def curl(printed: str, which: int = 0) -> requests.Response:
+    """The `which`-th printed `curl -s -X POST ...` call, sent as printed (its body inline or from its file)."""
+    line = [x for x in printed.splitlines() if "curl -s -X POST" in x][which]
     words = shlex.split(line)
     url, data = words[words.index("-X") + 2], words[words.index("-d") + 1]
     body = Path(data[1:]).read_bytes() if data.startswith("@") else data.encode()
@@ -62,9 +62,10 @@ def test_tenfold_serve_serves_an_archive_prints_how_to_call_it_and_stops_on_ctrl
     archive = tmp_path / "probe.pt"
     archive.write_bytes(probe_archive.read_bytes())
     command = [sys.executable, "-m", "tenfold", "serve", str(archive), "--interpreters", "1",
-               "--port", str(free_port())]
+               "--port", str(free_port()), "--http-port", "0"]
     with serving(command, tmp_path, tmp_path / "serve.log") as printed:
         assert "(x: float32[?, 4], k: int64[?])" in printed
+        assert "http_port" not in printed  # --http-port 0: Serve's route only
         r = curl(printed)
         assert r.status_code == 200, r.text
         assert [len(o) for o in r.json()["outputs"]] == [1, 1]  # the printed request is one valid row
@@ -74,12 +75,17 @@ def test_tenfold_serve_serves_an_archive_prints_how_to_call_it_and_stops_on_ctrl
 
 
 def test_dev_serve_with_its_defaults_serves_the_embedder_answering_text(tmp_path: Path) -> None:
-    with serving([str(ROOT / "dev"), "serve", "--port", str(free_port())], ROOT, tmp_path / "dev.log") as printed:
+    port, http_port = free_port(), free_port()
+    command = [str(ROOT / "dev"), "serve", "--port", str(port), "--http-port", str(http_port)]
+    with serving(command, ROOT, tmp_path / "dev.log") as printed:
         assert "tenfold is serving 'minilm_embedder'" in printed
         assert "(texts: list[str]) -> list[list[float]]" in printed
         r = curl(printed)
         assert r.status_code == 200, r.text
         embeddings = r.json()["outputs"]  # one per text of the example request
+        straight = curl(printed, 1)  # the same request to the interpreters' own servers
+        assert f":{http_port}/" in straight.url
+        assert straight.status_code == 200 and straight.content == r.content
         assert len(embeddings) == 2 and all(len(e) == 384 for e in embeddings)
         assert all(abs(sum(v * v for v in e) - 1.0) < 1e-4 for e in embeddings)  # normalised
         handle = run_snippet(printed)
