@@ -93,10 +93,22 @@ def _runtime_models(text: str) -> list[str]:
 # -- the parser -----------------------------------------------------------------------------------
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tenfold")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        from tenfold import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tenfold", description="Serve Python models from several isolated interpreters per process."
     )
+    parser.add_argument("--version", action="version", version=f"tenfold {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = commands.add_parser(

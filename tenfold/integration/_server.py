@@ -236,7 +236,7 @@ class _Server:
     @staticmethod
     def _error_headers(error: codec.HTTPError) -> list[tuple[bytes, bytes]]:
         headers = [*_JSON, *((k.lower().encode(), v.encode()) for k, v in error.headers.items())]
-        if error.status in (400, 408, 413):  # the rest of the body is not read: this connection cannot go on
+        if error.status in (400, 408, 413) or error.kind == "Overloaded":  # the body is not read, or come back later
             headers.append((b"connection", b"close"))
         return headers
 
@@ -258,8 +258,7 @@ class _Server:
 
     async def _predict(self, scope: dict[str, Any], receive: Any) -> tuple[list, bytes]:
         settings = self.settings
-        limit = settings.max_connections
-        if limit is not None and self.block[CONNECTIONS] > limit:
+        if not scope.get("tenfold.admitted", True):
             raise routes.overloaded(settings.retry_after_s)
         content_type = content_length = None
         for name, value in scope["headers"]:
@@ -403,6 +402,9 @@ def _protocol(server: _Server) -> type:
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             block[CONNECTIONS] += 1
+            # Past this interpreter's share of max_ongoing_requests + max_queued_requests, a connection's request
+            # is answered 503 with Retry-After, and the connection closed.
+            self.admitted = settings.max_connections is None or block[CONNECTIONS] <= settings.max_connections
 
         def connection_lost(self, exc: Exception | None) -> None:
             block[CONNECTIONS] -= 1
@@ -411,6 +413,7 @@ def _protocol(server: _Server) -> type:
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
+            self.scope["tenfold.admitted"] = self.admitted  # type: ignore[typeddict-unknown-key]
             self._read_timer = self.loop.call_later(settings.read_timeout_s, self._read_timed_out)
 
         def on_headers_complete(self) -> None:

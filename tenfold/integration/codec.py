@@ -59,8 +59,8 @@ class MalformedRequest(HTTPError):
     kind = "MalformedRequest"
 
 
-class InvalidInput(HTTPError):
-    """The body parses but does not match the model's signature (422)."""
+class InvalidInput(HTTPError, ValueError):
+    """The inputs do not match the model's signature: a 422 over HTTP, a ValueError through a handle."""
 
     status = 422
     kind = "InvalidInput"

@@ -18,6 +18,8 @@ from pydantic import (
     model_validator,
 )
 
+from tenfold.runtime import MAX_INTERPRETERS
+
 from .sources import ArchiveSource, check_pinned
 
 DEFAULT_INTERPRETERS = 2
@@ -142,6 +144,13 @@ class AppArgs(BaseModel):
             raise ValueError(f"sha256 must be 64 hex digits, got {value!r}")
         return digest
 
+    @field_validator("max_queued_requests")
+    @classmethod
+    def _queue_bound(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("max_queued_requests must be -1 (no limit) or at least 1, as Serve takes it")
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> AppArgs:
         if self.require_sha256 and self.sha256 is None:
@@ -150,6 +159,13 @@ class AppArgs(BaseModel):
             raise ValueError("set either num_replicas or autoscaling, not both")
         if "batch_wait_timeout_s" in self.model_fields_set and self.max_batch_size is None:
             raise ValueError("batch_wait_timeout_s needs max_batch_size")
+        if self.interpreters is not None and self.interpreters > MAX_INTERPRETERS:
+            raise ValueError(f"interpreters must be at most {MAX_INTERPRETERS} per replica (glibc allows 16 link-map "
+                             f"namespaces per process, one of them the host's), got {self.interpreters}; use more "
+                             "replicas for more cores")
+        if self.interpreters is None and self.replica_interpreters > MAX_INTERPRETERS:
+            raise ValueError(f"num_cpus {self.num_cpus:g} would give a replica {self.replica_interpreters} "
+                             f"interpreters; set interpreters (at most {MAX_INTERPRETERS}), or use more replicas")
         return self
 
     @model_validator(mode="after")

@@ -116,14 +116,14 @@ class TenfoldModel:
 
     # -- callers -------------------------------------------------------------------------------
 
-    async def __call__(self, *inputs: Any) -> Any:
-        """HTTP requests (a starlette Request) and handle calls (the model's positional inputs)."""
-        if len(inputs) == 1 and isinstance(inputs[0], Request):
+    async def __call__(self, *inputs: Any, **named: Any) -> Any:
+        """HTTP requests (a starlette Request) and handle calls (the model's inputs, by position or by name)."""
+        if len(inputs) == 1 and not named and isinstance(inputs[0], Request):
             return await self._http(inputs[0])
         t0 = time.perf_counter()
         status = 200
         try:
-            return await self._infer(list(inputs))
+            return await self._infer(self._positional(inputs, named))
         except BaseException as exc:
             status = routes.classify(exc).status
             raise
@@ -227,6 +227,20 @@ class TenfoldModel:
             archive_cache.release(archive)
 
     # -- inference -----------------------------------------------------------------------------
+
+    def _positional(self, inputs: tuple[Any, ...], named: dict[str, Any]) -> list[Any]:
+        """The model's inputs in order, from a handle call's positional and named arguments."""
+        if not named:
+            return list(inputs)
+        names = [s.name for s in self._manifest.inputs]
+        twice = [n for n in names[:len(inputs)] if n in named]
+        if twice:
+            raise codec.InvalidInput(f"input {twice[0]!r} is given twice, by position and by name")
+        rest = names[len(inputs):]
+        missing, extra = [n for n in rest if n not in named], sorted(set(named) - set(rest))
+        if missing or extra:
+            raise codec.InvalidInput(f"inputs by name must be exactly {names}; missing {missing}, unexpected {extra}")
+        return [*inputs, *(named[n] for n in rest)]
 
     async def _infer(self, inputs: list[Any]) -> Any:
         if self._batched is None:

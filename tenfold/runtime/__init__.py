@@ -1,6 +1,7 @@
 """tenfold.runtime: several isolated CPython interpreters in one process, behind an Executor."""
 
 from ._glibc import GLIBC_TUNABLES, static_tls_ready, with_glibc_tunables
+from ._glibc import MAX_NAMESPACES as MAX_INTERPRETERS
 from ._guest import raise_in_thread
 from .errors import (
     BrokenInterpreterPool,
@@ -22,6 +23,7 @@ __all__ = [
     "InterpreterPool",
     "InterpreterStartError",
     "InterpreterStats",
+    "MAX_INTERPRETERS",
     "PlatformNotSupported",
     "PoolStats",
     "RemoteError",

@@ -139,7 +139,8 @@ def configure(path: list[str], threads: int) -> None:
     import sys
 
     sys.path[:] = path
-    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    # RAYON_NUM_THREADS: Hugging Face tokenizers start a Rust thread pool of their own, sized like OpenMP's.
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "RAYON_NUM_THREADS"):
         os.environ[name] = str(threads)
     torch = sys.modules.get("torch")
     if torch is not None:

@@ -280,6 +280,34 @@ def test_a_second_application_is_refused_the_port_by_name(serve_session, app: Si
         listen("127.0.0.1", app.port_number, "someone-else")
 
 
+def test_connections_past_the_replicas_share_are_answered_503_with_retry_after(serve_session,
+                                                                             probe_archive: Path) -> None:
+    from ray import serve
+
+    port = free_port()
+    # 1 request at once and 1 queued: each interpreter takes 1 connection; the rest are told to come back.
+    _deploy("dp-busy", probe_archive, port, max_ongoing_requests=1, max_queued_requests=1, retry_after_s=2.0)
+    conns = [http.client.HTTPConnection("127.0.0.1", port, timeout=30) for _ in range(4)]
+    try:
+        for c in conns:
+            c.connect()
+        time.sleep(0.2)  # every connection accepted
+        answers = []
+        for c in conns:
+            c.request("POST", "/", body=json.dumps(GOOD), headers={"Content-Type": codec.JSON_TYPE})
+            r = c.getresponse()
+            answers.append((r.status, r.getheader("Retry-After"), json.loads(r.read())))
+        statuses = sorted(status for status, _, _ in answers)
+        assert statuses == [200, 200, 503, 503], answers
+        for status, retry_after, body in answers:
+            if status == 503:
+                assert retry_after == "2" and body["error"]["type"] == "Overloaded"
+    finally:
+        for c in conns:
+            c.close()
+        serve.delete("dp-busy")
+
+
 # -- lifecycle under load -----------------------------------------------------------------------------
 
 

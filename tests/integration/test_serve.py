@@ -195,10 +195,26 @@ def test_model_exception_is_a_500_with_its_type_and_message_and_serving_goes_on(
 
 
 def test_handle_errors_name_the_problem(probe: SimpleNamespace) -> None:
-    with pytest.raises(Exception, match=r"input 0 \('x'\) has size 5 in dim 1"):
+    # Inputs that do not fit raise ValueError naming them; the model's own exception keeps its type.
+    with pytest.raises(ValueError, match=r"input 0 \('x'\) has size 5 in dim 1") as bad:
         probe.handle.remote(torch.zeros(1, 5), torch.zeros(1, dtype=torch.int64)).result(timeout_s=30)
-    with pytest.raises(Exception, match="probe refuses"):
+    assert isinstance(bad.value, codec.InvalidInput)
+    with pytest.raises(ValueError, match="probe refuses") as raised:
         probe.handle.remote(torch.tensor([[RAISE, 0, 0, 0]]), torch.tensor([1])).result(timeout_s=30)
+    assert not isinstance(raised.value, codec.InvalidInput)
+
+
+def test_handle_calls_take_inputs_by_name_as_http_does(probe: SimpleNamespace) -> None:
+    x, k = [[1.0, 2.0, 3.0, 4.0]], [3]
+    by_name = probe.handle.remote(k=torch.tensor(k), x=torch.tensor(x)).result(timeout_s=30)
+    by_position = probe.handle.remote(torch.tensor(x), torch.tensor(k)).result(timeout_s=30)
+    assert all(torch.equal(a, b) for a, b in zip(by_name, by_position))
+    mixed = probe.handle.remote(torch.tensor(x), k=torch.tensor(k)).result(timeout_s=30)
+    assert all(torch.equal(a, b) for a, b in zip(mixed, by_position))
+    with pytest.raises(ValueError, match=r"inputs by name must be exactly \['x', 'k'\]; .*unexpected \['q'\]"):
+        probe.handle.remote(torch.tensor(x), q=1).result(timeout_s=30)
+    with pytest.raises(ValueError, match="input 'x' is given twice"):
+        probe.handle.remote(torch.tensor(x), x=torch.tensor(x)).result(timeout_s=30)
 
 
 # -- deploy-time checks ----------------------------------------------------------------------------
