@@ -45,7 +45,9 @@ LATENCY_BOUNDS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000
 LATENCY_BASE = STATUS_BASE + len(STATUSES)  # one counter per bucket, and one past the last bound
 SERVER_TID = LATENCY_BASE + len(LATENCY_BOUNDS_MS) + 1  # native thread ids of the server and its watchdog,
 WATCHDOG_TID = SERVER_TID + 1  # so that a profiler can tell this interpreter's CPU time from the host's
-FIELDS = WATCHDOG_TID + 1
+ACTIVE = WATCHDOG_TID + 1  # open connections with a request in the last ACTIVE_S (idle keep-alive ones are no load)
+FIELDS = ACTIVE + 1
+ACTIVE_S = 1.0
 
 SERVING, STOPPED, FAILED = 1, 2, 3
 _STATUS_INDEX = {status: STATUS_BASE + i for i, status in enumerate(STATUSES)}
@@ -198,6 +200,7 @@ class _Server:
                 if acceptor is not None:
                     acceptor.loop.call_soon_threadsafe(acceptor.stop)
                 self.uvicorn.should_exit = True
+            block[ACTIVE] = self._active_connections()
             started = block[CURRENT_NS]
             if timeout and started and now - started > timeout * 1e9:
                 with self._interrupt_lock:
@@ -207,6 +210,13 @@ class _Server:
                         block[TIMEOUTS] += 1
                         raise_in_thread(self._serving_thread, TimeoutError)
             time.sleep(poll_s)
+
+    def _active_connections(self) -> int:
+        now = time.monotonic()
+        # list() copies the set in one step under this interpreter's GIL, while the loop thread may change it.
+        connections: list[Any] = list(self.uvicorn.server_state.connections)
+        return sum(1 for c in connections if now - getattr(c, "last_active", 0.0) < ACTIVE_S
+                   or (c.cycle is not None and not c.cycle.response_complete))
 
     # -- the ASGI app ---------------------------------------------------------------------------
 
@@ -305,9 +315,10 @@ class _Acceptor:
     with the fewest open connections among those free to take it.
 
     Every interpreter's loop is woken by a new connection. An interpreter running a call is not: it takes
-    none meanwhile. Among the others, one that holds more connections than an idle peer waits a millisecond
-    (and then takes it if the peer has not), so that keep-alive connections, which stay with the interpreter
-    that accepted them, spread evenly, and no interpreter sits idle while another has several clients."""
+    none meanwhile. Among the others, one that holds more active connections (a request in the last second)
+    than an idle peer waits a millisecond (and then takes it if the peer has not), so that keep-alive
+    connections, which stay with the interpreter that accepted them, spread evenly, and no interpreter sits
+    idle while another has several clients."""
 
     DEFER_S = 0.001
 
@@ -355,11 +366,11 @@ class _Acceptor:
         self.loop.create_task(self.loop.connect_accepted_socket(self.factory, conn))
 
     def _defer(self) -> bool:
-        mine = self.server.block[CONNECTIONS]
+        mine = self.server.block[ACTIVE]
         for address in self.peers:
             if address and address != self.own:
                 peer = (ctypes.c_int64 * FIELDS).from_address(address)
-                if peer[STATE] == SERVING and not peer[STOP] and not peer[CURRENT_NS] and peer[CONNECTIONS] < mine:
+                if peer[STATE] == SERVING and not peer[STOP] and not peer[CURRENT_NS] and peer[ACTIVE] < mine:
                     return True
         return False
 
@@ -401,7 +412,9 @@ def _protocol(server: _Server) -> type:
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
+            self.last_active = time.monotonic()
             block[CONNECTIONS] += 1
+            block[ACTIVE] += 1  # at once, for the peers' acceptors; the watchdog recounts
             # Past this interpreter's share of max_ongoing_requests + max_queued_requests, a connection's request
             # is answered 503 with Retry-After, and the connection closed.
             self.admitted = settings.max_connections is None or block[CONNECTIONS] <= settings.max_connections
@@ -414,6 +427,7 @@ def _protocol(server: _Server) -> type:
         def on_message_begin(self) -> None:
             super().on_message_begin()
             self.scope["tenfold.admitted"] = self.admitted  # type: ignore[typeddict-unknown-key]
+            self.last_active = time.monotonic()
             self._read_timer = self.loop.call_later(settings.read_timeout_s, self._read_timed_out)
 
         def on_headers_complete(self) -> None:
