@@ -214,8 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", default="echo,rnn_tagger,minilm_embedder", help="comma-separated subset")
     p.add_argument("--rounds", type=_positive(int), default=3, help="interleaved rounds per set-up and phase")
     p.add_argument("--seconds", type=_positive(float), default=5.0, help="load per set-up and round")
-    p.add_argument("--handles", action=argparse.BooleanOptionalAction, default=True,
-                   help="also measure handle calls under Serve's replica settings (default: on)")
+    p.add_argument("--phases", default="proxy,direct,without-ray,handles",
+                   help="which to run: proxy, direct (plain Serve through its proxy, with direct ingress), without-ray "
+                   "(the interpreters' servers in a plain process against uvicorn), handles (Serve's replica "
+                   "settings for handle calls)")
     p.add_argument("--out", type=Path, default=Path("bench-results"))
     p.set_defaults(handler=_bench("dataplane"))
 

@@ -36,6 +36,7 @@ from typing import Any
 from . import common
 
 MODELS = ("echo", "rnn_tagger", "minilm_embedder")
+PHASES = ("proxy", "direct", "without-ray", "handles")
 CPUS = 2
 CONNECTIONS = 8
 _CLK = os.sysconf("SC_CLK_TCK")
@@ -187,6 +188,60 @@ def _uvicorn(archive: Path, port: int) -> Iterator[_Setup]:
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def _interpreters_alone(archive: Path, port: int) -> Iterator[_Setup]:
+    """The data plane without Ray: an InterpreterPool of 2 in this process with the model and its servers."""
+    from tenfold.integration import codec
+    from tenfold.integration.config import AppArgs
+    from tenfold.integration.dataplane import DataPlane
+    from tenfold.packaging import replicate
+    from tenfold.packaging.replicated import prepare_interpreter
+    from tenfold.runtime import InterpreterPool
+
+    args = AppArgs(archive=str(archive), http_port=port, http_host="127.0.0.1")
+    with InterpreterPool(2, backend="namespaces", threads_per_interpreter=1, initializer=prepare_interpreter) as pool:
+        with replicate(pool, str(archive)) as model:
+            plane = DataPlane(pool, model.model_id, args, owner="bench", interface=codec.Interface.of(model.manifest),
+                              manifest=b"{}", openapi=b"{}", stats=dict)
+            try:
+                yield _Setup("interpreters", [f"http://127.0.0.1:{port}/"], {os.getpid()},
+                             {os.getpid(): plane.threads()})
+            finally:
+                plane.stop()
+
+
+def _without_ray(models: list[str], build: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The interpreters' servers in a plain process against 2 uvicorn processes, no Ray anywhere: what the
+    servers cost apart from the Ray worker that hosts them in a replica."""
+    rows: list[dict[str, Any]] = []
+    for model in models:
+        archive = common.example_archive(model, build)
+        body = _body(model, archive)
+        with _interpreters_alone(archive, common.free_port()) as mine, _uvicorn(archive, common.free_port()) as limit:
+            setups = [mine, limit]
+            for s in setups:
+                _warm(s.urls, body)
+                s.measure(body, 1.0)
+            for r in range(args.rounds):
+                for s in (setups if r % 2 == 0 else setups[::-1]):
+                    row = {"model": model, "phase": "without-ray", "round": r, **s.measure(body, args.seconds)}
+                    rows.append(row)
+                    print(f"  {model:16} {row['setup']:13} round {r}: {row['rps']:9.0f} req/s  "
+                          f"p99 {row['p99_ms']:7.2f} ms  cpu/req {row['cpu_ms_per_request']:.3f} ms", flush=True)
+    return rows
+
+
+def without_ray_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == model and r["setup"] == "interpreters"]
+        theirs = [r for r in rows if r["model"] == model and r["setup"] == "uvicorn"]
+        out.append({"model": model, "interpreters_rps": statistics.median(r["rps"] for r in mine),
+                    "uvicorn_rps": statistics.median(r["rps"] for r in theirs),
+                    "ratio": statistics.median(a["rps"] / b["rps"] for a, b in zip(mine, theirs) if b["rps"])})
+    return out
 
 
 # -- phases -----------------------------------------------------------------------------------------
@@ -362,23 +417,40 @@ def run(args: argparse.Namespace) -> int:
         print(f"unknown models {unknown}; choose from {list(MODELS)}", file=sys.stderr)
         return 2
     build = Path("build")
+    phases = set(args.phases.split(","))
+    unknown = sorted(phases - set(PHASES))
+    if unknown:
+        print(f"unknown phases {unknown}; choose from {list(PHASES)}", file=sys.stderr)
+        return 2
     rows = []
-    for direct in (False, True):
-        print(f"phase: plain Serve {'with direct ingress' if direct else 'through its proxy'}", flush=True)
-        rows += _phase(direct, models, build, args)
+    for direct, phase in ((False, "proxy"), (True, "direct")):
+        if phase in phases:
+            print(f"phase: plain Serve {'with direct ingress' if direct else 'through its proxy'}", flush=True)
+            rows += _phase(direct, models, build, args)
     summary = summarize(rows)
+    alone_rows = []
+    if "without-ray" in phases:
+        print("phase: the interpreters' servers against uvicorn processes, without Ray", flush=True)
+        alone_rows = _without_ray(models, build, args)
+    alone = without_ray_summary(alone_rows) if alone_rows else []
     handle_rows = []
-    if args.handles:
+    if "handles" in phases:
         print("phase: handle calls to a tenfold replica under Serve's replica settings", flush=True)
         handle_rows = _handle_phase(args, build)
     handles = _handle_summary(handle_rows)
-    print(table(summary))
+    if summary:
+        print(table(summary))
+    if alone:
+        print(common.markdown_table(["model (no Ray)", "interpreters req/s", "uvicorn req/s", "ratio"],
+                                    [[a["model"], f"{a['interpreters_rps']:,.0f}", f"{a['uvicorn_rps']:,.0f}",
+                                      f"{a['ratio']:.2f}x"] for a in alone]))
     if handles:
         print(common.markdown_table(["replica settings", "calls/s", "replica CPU ms/call"],
                                     [[h["variant"], f"{h['calls_per_s']:,.0f}", f"{h['replica_cpu_ms_per_call']:.3f}"]
                                      for h in handles]))
     print(capacity(summary))
-    report = {"rows": rows, "summary": summary, "handle_rows": handle_rows, "handles": handles, "cpus": CPUS,
+    report = {"rows": rows, "summary": summary, "without_ray_rows": alone_rows, "without_ray": alone,
+              "handle_rows": handle_rows, "handles": handles, "cpus": CPUS,
               "connections": CONNECTIONS, "seconds": args.seconds, "rounds": args.rounds,
               "machine": f"{os.cpu_count()} cores"}
     json_path, png_path = common.write_report(args.out, "dataplane", report, lambda p: _plot(summary, p))
@@ -409,6 +481,8 @@ def _plot(summary: list[dict[str, Any]], path: Path) -> None:
 
     models = list(dict.fromkeys(s["model"] for s in summary))
     setups = ["tenfold-port", "plain-direct", "plain-proxy", "uvicorn"]
+    if not models:
+        return
     fig, axes = plt.subplots(1, len(models), figsize=(4.5 * len(models), 3.8))
     for ax, model in zip(axes if len(models) > 1 else [axes], models):
         values = []
