@@ -96,6 +96,7 @@ class DataPlane:
         self.snapshot = Snapshot()
         self._peers = (ctypes.c_int64 * _server.PEERS)()  # the servers' blocks, for their acceptors to compare
         self.listener = listener.listen(args.http_host, args.http_port, owner)
+        self.port = int(self.listener.socket.getsockname()[1])  # kept: the socket is closed by stop()
         per_interpreter = None
         if args.max_queued_requests >= 0:
             per_interpreter = -(-(args.replica_max_ongoing_requests + args.max_queued_requests) // pool.size)
@@ -115,10 +116,6 @@ class DataPlane:
             raise
         self._watcher = threading.Thread(target=self._watch, name="tenfold-dataplane", daemon=True)
         self._watcher.start()
-
-    @property
-    def port(self) -> int:
-        return int(self.listener.socket.getsockname()[1])
 
     # -- what the replica reads ----------------------------------------------------------------
 
