@@ -110,7 +110,7 @@ class DataPlane:
         try:
             # A setup: an interpreter that replaces a lost one starts its server before it is put in service.
             self._setup = pool.add_setup(_server.start, self.listener.fileno(), self.settings)
-            self._refresh(time.monotonic_ns())
+            self._refresh(pool.stats())
         except BaseException:
             self.listener.close()
             raise
@@ -153,9 +153,9 @@ class DataPlane:
 
     # -- watching ------------------------------------------------------------------------------
 
-    def _refresh(self, now: int) -> None:
+    def _refresh(self, stats: PoolStats) -> None:
         """Find the block of every interpreter whose server is new (at start, or in a replacement)."""
-        for i in self._pool.stats().interpreters:
+        for i in stats.interpreters:
             known = self._watched.get(i.index)
             if i.lost or (known is not None and known.replaced == i.replaced):
                 continue
@@ -170,8 +170,9 @@ class DataPlane:
         while not self._stopping.wait(_WATCH_S):
             try:
                 now = time.monotonic_ns()
-                self._check_servers(now)
-                self._refresh(now)
+                stats = self._pool.stats()  # one snapshot for both: reading it computes every utilization
+                self._check_servers(now, stats)
+                self._refresh(stats)
                 if time.monotonic() - last_snapshot >= _SNAPSHOT_S:
                     last_snapshot = time.monotonic()
                     self.snapshot.write(json.dumps(self._stats()).encode())
@@ -180,10 +181,10 @@ class DataPlane:
                 if not self._stopping.is_set():
                     _logger.exception("watching the interpreters' HTTP servers failed")
 
-    def _check_servers(self, now: int) -> None:
+    def _check_servers(self, now: int, stats: PoolStats) -> None:
         args = self._args
         stuck_ns = ((args.request_timeout_s or 0) + args.interrupt_grace_s + 1.0) * 1e9
-        lost = {i.index for i in self._pool.stats().interpreters if i.lost}
+        lost = {i.index for i in stats.interpreters if i.lost}
         with self._lock:
             watched = list(self._watched.items())
         for index, w in watched:
