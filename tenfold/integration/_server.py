@@ -18,6 +18,7 @@ import ctypes
 import json
 import logging
 import os
+import select
 import socket
 import threading
 import time
@@ -315,12 +316,16 @@ class _Acceptor:
     with the fewest open connections among those free to take it.
 
     Every interpreter's loop is woken by a new connection. An interpreter running a call is not: it takes
-    none meanwhile. Among the others, one that holds more active connections (a request in the last second)
-    than an idle peer waits a millisecond (and then takes it if the peer has not), so that keep-alive
-    connections, which stay with the interpreter that accepted them, spread evenly, and no interpreter sits
-    idle while another has several clients."""
+    none meanwhile. Among the others, one that holds more active connections (a request in the last second,
+    or accepted and not yet asked) than an idle peer leaves the connection to that peer, looking again every
+    millisecond for up to MAX_DEFER_S (and then takes it if the peer has not), so that keep-alive connections,
+    which stay with the interpreter that accepted them, spread evenly, and no interpreter sits idle while
+    another has several clients."""
 
     DEFER_S = 0.001
+    # Why more than one look: on a loaded machine the idle peer's thread may not run within a millisecond, and
+    # a connection it misses stays with the busier interpreter for as long as the client keeps it open.
+    MAX_DEFER_S = 0.005
 
     def __init__(self, server: _Server) -> None:
         import functools
@@ -334,6 +339,7 @@ class _Acceptor:
         self.peers = (ctypes.c_int64 * PEERS).from_address(server.settings.peers)
         self.own = ctypes.addressof(server.block)
         self.stopped = False
+        self.deferred_since = 0.0  # when this interpreter first left the waiting connection to a peer
         self.loop.add_reader(self.sock.fileno(), self._ready)
 
     def stop(self) -> None:
@@ -343,16 +349,21 @@ class _Acceptor:
 
     def _resume(self) -> None:
         if not self.stopped and not self.server.uvicorn.should_exit:
+            if not select.select([self.sock], [], [], 0)[0]:
+                self.deferred_since = 0.0  # a peer took the connection: the next one starts a deferral afresh
             self.loop.add_reader(self.sock.fileno(), self._ready)
 
     def _ready(self) -> None:
         if self.server.uvicorn.should_exit:
             self.stop()
             return
-        if self._defer():
+        now = time.monotonic()
+        if self._defer() and (not self.deferred_since or now - self.deferred_since < self.MAX_DEFER_S):
+            self.deferred_since = self.deferred_since or now
             self.loop.remove_reader(self.sock.fileno())
             self.loop.call_later(self.DEFER_S, self._resume)
             return
+        self.deferred_since = 0.0
         try:
             conn, _ = self.sock.accept()
         except (BlockingIOError, InterruptedError):
@@ -360,6 +371,9 @@ class _Acceptor:
         except OSError:
             _logger.exception("accepting a connection failed")
             return
+        # Counted at once: the protocol is made on a later turn of the loop, and a second connection waiting
+        # now must see this one.
+        self.server.block[ACTIVE] += 1
         conn.setblocking(False)
         if conn.family in (socket.AF_INET, socket.AF_INET6):
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -413,8 +427,7 @@ def _protocol(server: _Server) -> type:
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             self.last_active = time.monotonic()
-            block[CONNECTIONS] += 1
-            block[ACTIVE] += 1  # at once, for the peers' acceptors; the watchdog recounts
+            block[CONNECTIONS] += 1  # (ACTIVE was counted at accept; the watchdog recounts it)
             # Past this interpreter's share of max_ongoing_requests + max_queued_requests, a connection's request
             # is answered 503 with Retry-After, and the connection closed.
             self.admitted = settings.max_connections is None or block[CONNECTIONS] <= settings.max_connections

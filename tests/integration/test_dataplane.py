@@ -247,10 +247,11 @@ def test_port_requests_count_as_busy_time_for_autoscaling(app: SimpleNamespace) 
     for t in threads:
         t.start()
     try:
-        # Two clients keep both interpreters busy: the utilization autoscaling reads climbs toward 1 over its
-        # window (it was 0 before the port's busy time was counted).
+        # Two clients keep the interpreters busy: the utilization autoscaling reads climbs over its window (it
+        # stayed at 0 before the port's busy time was counted, as only the port has calls here). How evenly the
+        # clients spread over the interpreters is test_requests_spread_over_the_interpreters' to check.
         figures = wait_for(lambda: (f := app.handle.record_autoscaling_stats.remote().result())[policy.UTILIZATION]
-                           > 0.5 and f, 20, "the port's busy time to reach the utilization autoscaling reads")
+                           > 0.4 and f, 30, "the port's busy time to reach the utilization autoscaling reads")
     finally:
         stop.set()
         for t in threads:
