@@ -359,7 +359,7 @@ def _inspect(args: argparse.Namespace) -> int:
         print(f"tenfold inspect: {exc}", file=sys.stderr)
         return 1
     print(f"archive   {archive.label}")
-    print(f"sha256    {archive.sha256()}")
+    print(f"sha256    {archive.sha256()} (the file's digest: the one to pin as `sha256:`)")
     print(f"tensors   {len(archive.storages())} storages, {archive.weight_bytes():,} bytes")
     try:
         manifest = archive.manifest
@@ -384,9 +384,11 @@ def _inspect(args: argparse.Namespace) -> int:
     try:
         archive.verify()
     except PackageError as exc:
-        print(f"digest    FAILED: {exc}")
+        print(f"content   FAILED: {exc}")
         return 1
-    print(f"digest    ok ({manifest.content_sha256})")
+    print(f"content   ok (every record matches the manifest's digests, {manifest.content_sha256[:12]}...)")
+    print("\nTo roll out a new version at the same path, pin its sha256 in the application's args: serve deploy "
+          "and serve run rebuild an application only when its config changes.")
     return 0
 
 

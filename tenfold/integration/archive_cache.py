@@ -1,7 +1,9 @@
 """Where a replica gets its archive's bytes, shared by every replica of a node, with no process kept for it.
 
 - A local file (a path every node can read) is mapped read-only: the page cache holds one copy per node,
-  whatever the number of replicas and interpreters mapping it.
+  whatever the number of replicas and interpreters mapping it. A replica starts only if the file still has
+  the digest bound at deploy (`ArchiveChanged` otherwise); one that runs while the path is packaged again
+  keeps serving its mapping of the deployed version and says so (`ChangeWatch`).
 - A remote archive (s3://, http(s)://) goes through the Ray object store, used as a cache: the first
   replica of a node that needs it fetches it from its source, verifies its digest, puts it in the object
   store and publishes the reference in Ray's key-value store; the other replicas (of this node, or of
@@ -16,11 +18,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from .sources import ArchiveSource, ArchiveUnavailable, fetch
+from tenfold.packaging import PinMismatch
+
+from .sources import ArchiveSource, ArchiveUnavailable, fetch, fetch_with_digest
 
 logger = logging.getLogger("ray.serve")
 
@@ -57,6 +62,26 @@ def file_stamp(path: str) -> tuple[int, int, int, int] | None:
     return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
 
 
+class ArchiveChanged(PinMismatch):
+    """The local file an application was deployed with now holds another archive (it was packaged again to the
+    same path): a replica starts only with the deployed digest."""
+
+    def __init__(self, locator: ArchiveLocator, actual: str) -> None:
+        super().__init__(locator.source.describe(), changed_message(locator, actual))
+
+    def __reduce__(self) -> tuple[type[PinMismatch], tuple[str, str]]:  # as a PinMismatch, with this message
+        return (PinMismatch, (self.archive, str(self).removeprefix(f"{self.archive}: ")))
+
+
+def changed_message(locator: ArchiveLocator, actual: str) -> str:
+    """What a replica says when its archive's path holds another file than the one deployed, and what to do."""
+    return (f"this file changed since the application was deployed: it was sha256 {locator.sha256}, it is now "
+            f"sha256 {actual}. Replicas start only with the deployed version, and those running keep serving it. "
+            f"To roll out the new file, redeploy with its digest in the application's args (sha256: {actual}): "
+            "serve deploy and serve run rebuild an application only when its config changes. To go on with the "
+            "deployed version, put its file back, or deploy the new one from another path")
+
+
 @dataclass
 class Resolved:
     """An archive's bytes as a replica holds them while it serves."""
@@ -66,6 +91,7 @@ class Resolved:
     owned: Any = None  # [ObjectRef] this replica put and published (released when the replica goes)
     key: str | None = None  # where it is published in the key-value store
     published: bytes | None = None  # what was published there
+    stamp: tuple[int, int, int, int] | None = None  # a local file's, when it was mapped (see ChangeWatch)
 
 
 def _key(sha256: str, node_id: str) -> str:
@@ -77,11 +103,17 @@ def resolve(locator: ArchiveLocator, *, timeout_s: float = 60.0) -> Resolved:
     the source) when no replica holds it and the source cannot give it; PinMismatch when the source
     gives other bytes than the digest bound at deploy time."""
     if locator.source.is_local:
-        if locator.stamp is not None and file_stamp(locator.source.location) == locator.stamp:
+        stamp = file_stamp(locator.source.location)
+        if locator.stamp is not None and stamp == locator.stamp:
             from tenfold.packaging import open_source
 
-            return Resolved(open_source(locator.source.location)[0], "file")  # verified at deploy, unchanged
-        return Resolved(fetch(locator.source, sha256=locator.sha256, timeout_s=timeout_s), "file")
+            # Verified at deploy and unchanged.
+            return Resolved(open_source(locator.source.location)[0], "file", stamp=stamp)
+        view, actual = fetch_with_digest(locator.source, sha256=None, timeout_s=timeout_s)
+        if actual != locator.sha256:
+            del view
+            raise ArchiveChanged(locator, actual)
+        return Resolved(view, "file", stamp=stamp)
     import ray
     from ray.experimental import internal_kv
 
@@ -187,6 +219,47 @@ def release(resolved: Resolved) -> None:
         _unpublish(resolved.key, resolved.published)
 
 
+class ChangeWatch:
+    """Tells a replica that the local file it serves from was replaced at its path (packaged again): the replica
+    keeps its mapping of the deployed version, which a replaced file (a new inode) leaves intact, but says so, in
+    its log once and in its stats, with the new digest and how to roll it out.
+
+    `poll()` costs one stat(); a changed file is hashed once, on a thread of its own."""
+
+    def __init__(self, locator: ArchiveLocator, resolved: Resolved) -> None:
+        self._locator, self._seen = locator, resolved.stamp
+        self._lock = threading.Lock()
+        self._hashing: threading.Thread | None = None
+        self.message: str | None = None  # set once the file at the path holds another archive
+
+    def poll(self) -> str | None:
+        """The message about a changed file, if the file at the path is another archive (None while it is the
+        deployed one, or not yet known)."""
+        if not self._locator.source.is_local or self._seen is None:
+            return None
+        stamp = file_stamp(self._locator.source.location)
+        with self._lock:
+            if stamp is None or stamp == self._seen or (self._hashing is not None and self._hashing.is_alive()):
+                return self.message
+            self._seen = stamp
+            self._hashing = threading.Thread(target=self._hash, name="tenfold-archive-watch", daemon=True)
+            self._hashing.start()
+        return self.message
+
+    def _hash(self) -> None:
+        try:
+            _, actual = fetch_with_digest(self._locator.source, sha256=None)
+        except (ArchiveUnavailable, OSError) as exc:
+            logger.warning("the archive %s changed and cannot be read (%s); this replica serves the deployed "
+                           "version", self._locator.describe(), exc)
+            return
+        message = None if actual == self._locator.sha256 else (
+            f"{self._locator.source.describe()}: {changed_message(self._locator, actual)}")
+        if message is not None and message != self.message:
+            logger.warning("%s", message)
+        self.message = message
+
+
 def published_digests() -> list[str]:
     """Digests of the archives replicas have published in the object store (for status and tests)."""
     from ray.experimental import internal_kv
@@ -195,4 +268,5 @@ def published_digests() -> list[str]:
     return sorted({(k.decode() if isinstance(k, bytes) else k).split("/")[1] for k in keys})
 
 
-__all__ = ["ArchiveLocator", "ArchiveUnavailable", "Resolved", "published_digests", "release", "resolve"]
+__all__ = ["ArchiveChanged", "ArchiveLocator", "ArchiveUnavailable", "ChangeWatch", "Resolved", "published_digests",
+           "release", "resolve"]

@@ -77,6 +77,7 @@ class TenfoldModel:
                 archive_cache.release(self._archive)
                 raise
         pooled = time.perf_counter()
+        self._archive_watch = archive_cache.ChangeWatch(archive, self._archive)
         try:
             # Verified against the digest bound at deploy time by resolve(): not hashed again.
             self._model = replicate(self._pool, self._archive.buffer)
@@ -151,14 +152,18 @@ class TenfoldModel:
         }
 
     def _stats_body(self) -> dict[str, Any]:
-        return {**self._pool_stats().as_dict(), "pid": os.getpid()}
+        body = {**self._pool_stats().as_dict(), "pid": os.getpid()}
+        if (changed := self._archive_watch.message) is not None:
+            body["warnings"] = [changed]
+        return body
 
     def _pool_stats(self) -> PoolStats:
         stats = self._pool.stats()
         return stats if self._dataplane is None else self._dataplane.merge(stats)
 
     def _openapi(self) -> dict[str, Any]:
-        return openapi.document(self._manifest, title=self._args.name or self._manifest.name)
+        return openapi.document(self._manifest, title=self._args.name or self._manifest.name,
+                                sha256=self._locator.sha256)
 
     def _health(self) -> dict[str, Any]:
         stats = self._pool_stats()
@@ -187,6 +192,7 @@ class TenfoldModel:
         when the interpreters neither answer a ping nor make progress."""
         if self._dataplane is not None:
             self._dataplane.check()
+        self._archive_watch.poll()  # one stat() of a local archive: was it packaged again at its path?
         stats = self._pool_stats()
         self._metrics.observe_pool(stats)
         if stats.healthy == 0:

@@ -62,8 +62,9 @@ def _rewrite_refs(node: Any) -> Any:
     return node
 
 
-def document(manifest: Manifest, *, title: str | None = None) -> dict[str, Any]:
-    """The OpenAPI 3.1 document for a deployment serving `manifest`'s model."""
+def document(manifest: Manifest, *, title: str | None = None, sha256: str | None = None) -> dict[str, Any]:
+    """The OpenAPI 3.1 document for a deployment serving `manifest`'s model. Its version is the archive file's
+    `sha256` (the digest users pin) when given, else the manifest's content digest."""
     defs: dict[str, Any] = {}
     inputs = [_schema(s, defs) for s in manifest.inputs]
     names = [s.name for s in manifest.inputs]
@@ -107,7 +108,7 @@ def document(manifest: Manifest, *, title: str | None = None) -> dict[str, Any]:
         predict["responses"]["200"]["content"][codec.ARROW_TYPE] = {"schema": {"type": "string", "format": "binary"}}
     return {
         "openapi": "3.1.0",
-        "info": {"title": title or manifest.name, "version": manifest.content_sha256[:12] or "0",
+        "info": {"title": title or manifest.name, "version": (sha256 or manifest.content_sha256)[:12] or "0",
                  "description": f"{manifest.name} served by tenfold: {manifest.signature()}"},
         "paths": {
             "/": {"post": predict},

@@ -24,7 +24,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.client import HTTPException, IncompleteRead
 from pathlib import Path
 from typing import Any, Literal
@@ -38,7 +38,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 60.0
 ACCEPTED_FORMS = (
-    "a local path (relative to the current directory), file:///absolute/path, s3://bucket/key "
+    "a local path (a relative one is taken from the current directory of the process that builds the "
+    "application), file:///absolute/path, s3://bucket/key "
     "(with endpoint_url for an S3-compatible store) or http(s)://host/path"
 )
 _PIN_HELP = (
@@ -91,6 +92,8 @@ class ArchiveSource:
     scheme: Scheme
     location: str
     endpoint_url: str | None = None
+    #: A relative path as the config gave it, and the directory it was parsed in (where `location` lies).
+    relative: tuple[str, str] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.scheme not in _SCHEMES:
@@ -123,7 +126,8 @@ class ArchiveSource:
         if not match or (scheme not in _SCHEMES and not match["rest"].startswith("//")):
             if endpoint_url is not None:
                 raise ValueError(f"endpoint_url applies to s3:// archives only, not to the local path {archive!r}")
-            return cls("file", str(Path(text).expanduser().absolute()))
+            path = Path(text).expanduser()
+            return cls("file", str(path.absolute()), relative=None if path.is_absolute() else (text, os.getcwd()))
         if scheme == "file":
             return cls("file", _file_uri_path(text))
         if scheme == "s3":
@@ -257,9 +261,14 @@ def _fetch_file(source: ArchiveSource, hasher: Any, max_bytes: int | None) -> me
                 return memoryview(b"")
             mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     except FileNotFoundError:
+        where = ""
+        if source.relative is not None:
+            where = (f" (the relative path {source.relative[0]!r} was taken from {source.relative[1]}, the "
+                     "current directory of the process that built the application: for `serve run` and "
+                     "`serve deploy` that is where the Ray cluster was started, not the config file's directory; "
+                     "give an absolute path to be sure)")
         raise ArchiveUnavailable(
-            source, "no such file; package a model with `tenfold package` first, or correct the path "
-            "(a relative path is taken from the directory the config was read in)"
+            source, f"no such file{where}; package a model with `tenfold package` first, or correct the path"
         ) from None
     except IsADirectoryError:
         raise ArchiveUnavailable(source, "it is a directory; name the archive file inside it") from None

@@ -21,7 +21,7 @@ def test_cli_package_and_inspect(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert cli.main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
     for expected in ("signature (tokens: int64[?, ?])", "interned  examples.rnn_tagger", "extern    ", "12 storages",
-                     f"sha256    {tp.archive_sha256(out)}", "digest    ok"):
+                     f"sha256    {tp.archive_sha256(out)}", "content   ok"):
         assert expected in text
     explicit = tmp_path / "explicit.pt"
     args = ["package", "examples.rnn_tagger:build", "-o", str(explicit), "--example-input", "2x10:int64",
@@ -40,7 +40,7 @@ def test_cli_reports_a_tampered_archive(tmp_path: Path, capsys: pytest.CaptureFi
     out.write_bytes(bytes(data))
     capsys.readouterr()
     assert cli.main(["inspect", str(out)]) == 1
-    assert "digest    FAILED" in capsys.readouterr().out
+    assert "content   FAILED" in capsys.readouterr().out
 
 
 def test_cli_from_torch_package_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch) -> None:

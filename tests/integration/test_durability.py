@@ -129,6 +129,45 @@ def test_a_replica_that_cannot_get_the_archive_anywhere_fails_naming_the_source(
         serve.delete("gone")
 
 
+def test_an_archive_packaged_again_at_its_path_is_reported_and_never_served_unpinned(serve_session, store,  # noqa: ANN001
+                                                                                     tmp_path: Path) -> None:
+    from ray import serve
+
+    path = tmp_path / "model.pt"
+    path.write_bytes(store.archives["healthy"].read_bytes())
+    url = deploy(serve_session, "repackaged", {"archive": str(path), "num_replicas": 2, "health_check_period_s": 1.0})
+    try:
+        pids = wait_for(lambda: len(p := {requests.get(f"{url}/-/stats", timeout=30).json()["pid"] for _ in range(8)})
+                        == 2 and p, 60, "both replicas answering")
+        # Packaged again at the same path, as `tenfold package` writes: a new file renamed over the old one.
+        again = tmp_path / ".model.pt.tmp"
+        tp.save(models.Healthy(), again, example_inputs=models.example_inputs(), name="healthy-v2")
+        new_sha = tp.archive_sha256(again)
+        os.replace(again, path)
+        old_sha = store.sha["healthy"]
+        # The running replicas keep the deployed version, and say that the path now holds another one.
+        stats = wait_for(lambda: (s := requests.get(f"{url}/-/stats", timeout=30).json()).get("warnings") and s, 30,
+                         "a replica to report the changed file")
+        assert old_sha in stats["warnings"][0] and new_sha in stats["warnings"][0], stats
+        manifest = requests.get(f"{url}/-/manifest", timeout=30).json()
+        assert manifest["sha256"] == old_sha and manifest["manifest"]["name"] == "healthy"
+        # A replica started now (here: in place of a killed one) refuses the file, naming both digests and the
+        # way to roll it out; the other replica keeps serving meanwhile.
+        os.kill(sorted(pids)[0], signal.SIGKILL)
+        message = wait_for(lambda: (m := serve.status().applications["repackaged"].deployments["repackaged"].message)
+                           and "changed since the application was deployed" in m and m, 120,
+                           "Serve to report the replica that refused the changed file")
+        assert f"sha256 {old_sha}" in message and f"sha256 {new_sha}" in message and str(path) in message, message
+        assert f"sha256: {new_sha}" in message, message  # what to put in the args
+        for _ in range(5):
+            r = requests.post(url, json={"inputs": [X]}, timeout=30)
+            assert r.status_code == 200, r.text
+            np.testing.assert_allclose(r.json()["outputs"][0], models.expected(X), rtol=1e-5)
+        assert requests.get(f"{url}/-/manifest", timeout=30).json()["sha256"] == old_sha
+    finally:
+        serve.delete("repackaged")
+
+
 def test_redeploying_ten_archives_keeps_at_most_two_in_the_object_store_and_delete_frees_them(
         serve_session, store, tmp_path: Path) -> None:  # noqa: ANN001
     import torch

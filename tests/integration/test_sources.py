@@ -184,6 +184,11 @@ def test_a_relative_path_means_the_file_in_the_directory_it_was_parsed_in(
     assert source == ArchiveSource("file", str(packaged.path))
     monkeypatch.chdir("/")
     assert bytes(fetch(source, sha256=None)) == packaged.data
+    # A relative path that names no file: the message says where it was looked for, and why there.
+    with pytest.raises(ArchiveUnavailable) as info:
+        fetch(ArchiveSource.parse("build/missing.pt"), sha256=None)
+    assert "the relative path 'build/missing.pt' was taken from /," in str(info.value)
+    assert "not the config file's directory" in str(info.value)
 
 
 def test_an_archive_without_content_length_is_read_to_its_end(packaged: Packaged, http_url: str) -> None:
