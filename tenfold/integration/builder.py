@@ -44,6 +44,22 @@ def _check_batching(args: AppArgs, manifest: Any) -> None:
         )
 
 
+def _check_resources(args: AppArgs) -> None:
+    """Refuse a replica that no node of the running cluster could host (Serve would wait for one forever)."""
+    import ray
+
+    if not ray.is_initialized():
+        return  # built before Ray starts (serve.run starts it): Serve reports a replica it cannot place
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    most = max((float(n.get("Resources", {}).get("CPU", 0.0)) for n in nodes), default=0.0)
+    if nodes and args.replica_num_cpus > most:
+        raise DeployError(
+            f"a replica needs {args.replica_num_cpus:g} CPUs (num_cpus, or one per interpreter: "
+            f"{args.replica_interpreters}), but the largest node of this cluster has {most:g}. Give fewer "
+            f"interpreters or a smaller num_cpus (e.g. num_cpus: {most:g}), or add a node with more CPUs"
+        )
+
+
 def _deployment_options(args: AppArgs, name: str) -> dict[str, Any]:
     from tenfold.runtime import GLIBC_TUNABLES
 
@@ -105,6 +121,7 @@ def app_builder(args: AppArgs) -> Application:
     locator = ArchiveLocator(source, digest, len(view), stamp)
     del archive, view
     _check_batching(args, manifest)
+    _check_resources(args)
     name = args.name or manifest.name
     deployment = serve.deployment(TenfoldModel).options(**_deployment_options(args, name))
     return deployment.bind(locator, args.model_dump(mode="json", exclude_unset=True))

@@ -241,6 +241,18 @@ def test_deploy_refuses_a_wrong_pin_a_missing_file_and_an_unpinned_archive(probe
     assert actual in str(info.value) and "ab" * 32 in str(info.value)
 
 
+def test_deploy_refuses_a_replica_larger_than_every_node_before_anything_deploys(serve_session,
+                                                                                 probe_archive: Path) -> None:
+    from tenfold.integration import DeployError, app_builder
+
+    # The session's Ray has one node of 4 CPUs: 6 interpreters (a CPU each) fit no node, 4 do.
+    with pytest.raises(DeployError, match=r"needs 6 CPUs .* the largest node of this cluster has 4\b"):
+        app_builder({"archive": str(probe_archive), "interpreters": 6})
+    with pytest.raises(DeployError, match=r"needs 4.5 CPUs"):
+        app_builder({"archive": str(probe_archive), "interpreters": 2, "num_cpus": 4.5})
+    app_builder({"archive": str(probe_archive), "interpreters": 4})
+
+
 def test_batching_needs_a_batch_dimension(tmp_path: Path) -> None:
     from tenfold.integration import DeployError, app_builder
     from tenfold.packaging import save
