@@ -152,6 +152,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-port", type=int, default=None,
                    help="the port the interpreters serve HTTP on themselves (default: --port + 1; 0: none)")
     p.add_argument("--sha256", help="refuse the archive unless its sha256 is this")
+    p.add_argument("--name", help="the application's name (default: the archive's file name without .pt); its "
+                   "deployment is named for the model, as with app_builder")
+    p.add_argument("--num-cpus", type=_positive(float), default=None,
+                   help="CPUs reserved per replica (default: one per interpreter)")
+    p.add_argument("--request-timeout-s", type=_positive(float), default=None,
+                   help="a call running longer answers 504 (default: AppArgs', 30 s)")
+    p.add_argument("--max-ongoing-requests", type=_positive(int), default=None,
+                   help="requests a replica runs at once (default: 4 per interpreter)")
+    p.add_argument("--max-queued-requests", type=int, default=None,
+                   help="requests waiting per caller before a 503 (default: -1, no limit)")
+    p.add_argument("--max-request-bytes", type=_positive(int), default=None,
+                   help="largest request body; larger ones answer 413 (default: AppArgs')")
     p.set_defaults(handler=_serve)
 
     bench = commands.add_parser(
@@ -432,7 +444,7 @@ def _serve(args: argparse.Namespace) -> int:
     manifest = read_manifest(archive)
     request_file = archive.resolve().with_suffix(".request.json")
     request_file.write_text(json.dumps(example_request(archive)))
-    name = archive.stem
+    name = args.name or archive.stem
     ray.init(num_cpus=max(os.cpu_count() or 1, args.interpreters * args.replicas), include_dashboard=False)
     # SIGTERM ends the serving loop as Ctrl-C does, so that Serve and Ray are shut down either way.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
@@ -442,11 +454,14 @@ def _serve(args: argparse.Namespace) -> int:
         try:
             if args.http_port is None:
                 args.http_port = args.port + 1
-            app = app_builder({"archive": str(archive), "sha256": args.sha256, "name": name,
+            limits = {"num_cpus": args.num_cpus, "request_timeout_s": args.request_timeout_s,
+                      "max_ongoing_requests": args.max_ongoing_requests,
+                      "max_queued_requests": args.max_queued_requests, "max_request_bytes": args.max_request_bytes}
+            app = app_builder({"archive": str(archive), "sha256": args.sha256,
                                "interpreters": args.interpreters, "num_replicas": args.replicas,
                                "backend": args.backend, "http_port": args.http_port or None,
-                               "http_host": args.host})
-        except DeployError as exc:
+                               "http_host": args.host, **{k: v for k, v in limits.items() if v is not None}})
+        except (DeployError, ValueError) as exc:  # a pydantic ValidationError is a ValueError, naming the field
             print(f"tenfold serve: {exc}", file=sys.stderr)
             return 1
         serve.run(app, name=name, route_prefix="/")

@@ -62,13 +62,20 @@ def test_tenfold_serve_serves_an_archive_prints_how_to_call_it_and_stops_on_ctrl
     archive = tmp_path / "probe.pt"
     archive.write_bytes(probe_archive.read_bytes())
     command = [sys.executable, "-m", "tenfold", "serve", str(archive), "--interpreters", "1",
-               "--port", str(free_port()), "--http-port", "0"]
+               "--port", str(free_port()), "--http-port", "0", "--name", "probe-app", "--max-request-bytes", "4096",
+               "--request-timeout-s", "7", "--num-cpus", "1"]
     with serving(command, tmp_path, tmp_path / "serve.log") as printed:
+        assert "tenfold is serving 'probe-app'" in printed
         assert "(x: float32[?, 4], k: int64[?])" in printed
         assert "http_port" not in printed  # --http-port 0: Serve's route only
         r = curl(printed)
         assert r.status_code == 200, r.text
         assert [len(o) for o in r.json()["outputs"]] == [1, 1]  # the printed request is one valid row
+        url = r.url
+        too_large = requests.post(url, data=b" " * 5000, headers={"Content-Type": "application/json"}, timeout=30)
+        assert too_large.status_code == 413 and "4096" in too_large.text, too_large.text
+        # The application has the name given; its deployment, the model's (as app_builder names it).
+        assert requests.get(f"{url}-/openapi.json", timeout=30).json()["info"]["title"] == "probe"
         handle = run_snippet(printed)
         assert handle.returncode == 0, handle.stderr[-3000:]
         assert handle.stdout.strip().startswith("(tensor(") and "tensor([0])" in handle.stdout  # (y, 2 * k)
@@ -92,3 +99,26 @@ def test_dev_serve_with_its_defaults_serves_the_embedder_answering_text(tmp_path
         assert handle.returncode == 0, handle.stderr[-3000:]
         got = json.loads(handle.stdout.strip().splitlines()[-1])
         assert [v for e in got for v in e] == pytest.approx([v for e in embeddings for v in e], abs=1e-6)
+
+
+def test_serve_build_writes_a_config_of_an_application_a_module_builds(probe_archive: Path, tmp_path: Path) -> None:
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    (tmp_path / "my_app.py").write_text(textwrap.dedent(f"""\
+        from tenfold.integration import app_builder
+
+        app = app_builder({{"archive": {str(probe_archive)!r}, "interpreters": 2, "http_port": 8001}})
+    """))
+    serve = Path(sys.executable).with_name("serve")
+    done = subprocess.run([str(serve), "build", "my_app:app", "-o", "serve.yaml"], cwd=tmp_path, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    config = ServeDeploySchema.model_validate(yaml.safe_load((tmp_path / "serve.yaml").read_text()))
+    (app,) = config.applications
+    assert app.import_path == "my_app:app"
+    (deployment,) = app.deployments
+    # What the builder set travels in the config: the replica's CPUs and environment, and the rolling update.
+    assert deployment.ray_actor_options.num_cpus == 2.0
+    assert deployment.ray_actor_options.runtime_env["env_vars"]["GLIBC_TUNABLES"].startswith("glibc.rtld")
+    assert deployment.max_surge_percent == 100
