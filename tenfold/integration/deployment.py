@@ -26,7 +26,7 @@ from starlette.responses import Response
 
 from tenfold.runtime import InterpreterPool, PoolStats, remote_traceback
 
-from . import archive_cache, codec, openapi, policy, routes
+from . import archive_cache, codec, logs, openapi, policy, routes
 from .archive_cache import ArchiveLocator
 from .config import AppArgs
 from .dataplane import DataPlane
@@ -34,6 +34,8 @@ from .metrics import ReplicaMetrics
 from .routes import RequestTimeout
 
 _logger = logging.getLogger("ray.serve")
+#: The status counted for a request whose caller gave up on it (nginx's "client closed request").
+_CANCELLED = 499
 
 
 class TenfoldModel:
@@ -50,6 +52,7 @@ class TenfoldModel:
         from tenfold.packaging.replicated import prepare_interpreter
 
         started = time.perf_counter()
+        logs.install()
         self._args = AppArgs.model_validate(args)
         self._locator = archive
         window = self._args.autoscaling.look_back_period_s if self._args.autoscaling else 10.0
@@ -126,7 +129,7 @@ class TenfoldModel:
         try:
             return await self._infer(self._positional(inputs, named))
         except BaseException as exc:
-            status = routes.classify(exc).status
+            status = _CANCELLED if isinstance(exc, asyncio.CancelledError) else routes.classify(exc).status
             raise
         finally:
             self._metrics.observe_request("handle", time.perf_counter() - t0, status)
@@ -268,14 +271,22 @@ class TenfoldModel:
 
     async def _outcome(self, call: asyncio.Future, future: Any) -> Any:
         """The result of `call`, or RequestTimeout past request_timeout_s (then `future`, the interpreter's
-        call behind it if it serves this request alone, is interrupted)."""
+        call behind it if it serves this request alone, is interrupted). A cancelled request (its caller gone)
+        leaves its call to run to its end."""
         timeout = self._args.request_timeout_s
-        if timeout is None:
-            return await call
         try:
-            # Shielded: the call is stopped by an interrupt below, not by cancelling what awaits it.
+            # Shielded, with or without a timeout: cancelling `call` would cancel `future`, which the pool then
+            # fails to settle (concurrent.futures logs "exception calling callback" with an InvalidStateError).
+            # Past the timeout the call is stopped by an interrupt below instead.
             return await asyncio.wait_for(asyncio.shield(call), timeout)
+        except asyncio.CancelledError:
+            # shield() stops watching `call` once cancelled: an exception it ends with would be logged by asyncio
+            # as "Future exception was never retrieved".
+            call.add_done_callback(_forget)
+            raise
         except asyncio.TimeoutError:
+            if timeout is None:  # raised by the call itself
+                raise
             call.add_done_callback(_forget)
             if future is not None:
                 # Off the event loop: the interrupt waits up to interrupt_grace_s for the interpreter.
@@ -312,7 +323,10 @@ class TenfoldModel:
         t0 = time.perf_counter()
         try:
             response = await self._route(request)
-        except BaseException as exc:
+        except asyncio.CancelledError:  # the client hung up: no one to answer, nothing to log
+            self._metrics.observe_request("http", time.perf_counter() - t0, _CANCELLED)
+            raise
+        except Exception as exc:
             error = routes.classify(exc)
             if error.status >= 500 and not isinstance(exc, codec.HTTPError | RequestTimeout) and \
                     remote_traceback(exc) is None:
