@@ -208,6 +208,14 @@ class Archive:
         record = ".data/extern_modules"
         return [m for m in self.read(record).decode().split("\n") if m] if record in self else []
 
+    def optional_externs(self) -> list[str]:
+        """Top-level packages torch.package lists as extern but the manifest does not require, the standard
+        library left out: imported only by code that did not run when the model was packaged (its factory,
+        a branch its example inputs did not take). Loading takes them from the environment if there."""
+        required = {m.split(".")[0] for m in self.manifest.extern_modules}
+        tops = {m.split(".")[0] for m in self.extern_modules()} - required
+        return sorted(t for t in tops if t not in sys.stdlib_module_names and t not in sys.builtin_module_names)
+
     # -- checks ------------------------------------------------------------------------------------
 
     @property

@@ -3,7 +3,7 @@
 The model is any callable: a torch.nn.Module, an object with __call__ (a class holding modules, a
 tokenizer, a corpus...), or a factory (a function or class called with no arguments) of one. Only the
 user's own code is interned; the standard library and installed distributions are extern, and the
-manifest records those distributions' versions as requirements.
+manifest records the versions of those the model needs to load and run as requirements.
 """
 
 from __future__ import annotations
@@ -54,8 +54,12 @@ def save(
     dimension 0, the batch).
 
     Dependencies: the model's own modules are interned (their source goes into the archive); the standard
-    library and every installed distribution are extern (taken from the serving environment, whose
-    versions the manifest records as requirements). `intern`, `extern` and `mock` are torch.package
+    library and every installed distribution are extern (taken from the serving environment). The manifest
+    lists, and records the versions of as requirements, the externs that loading and calling the model
+    need: what the pickled model refers to, what its modules import at their top level, and what the call
+    on `example_inputs` imported. A module imported only in code that did not run then (the factory, a
+    branch the example did not take) is taken from the serving environment when it is there, but not
+    required of it; name it in `extern` to require it. `intern`, `extern` and `mock` are torch.package
     patterns that take precedence. `progress` is called with byte counts as weights are written and hashed.
     The archive is written next to `path` and moved there only once complete.
     """
@@ -176,7 +180,7 @@ def _save(
     importer: Any,
 ) -> Manifest:
     import torch
-    from torch.package import PackageExporter
+    from torch.package import GlobGroup, PackageExporter
     from torch.package.package_exporter import PackagingError
 
     label = os.fspath(path)
@@ -193,7 +197,7 @@ def _save(
     state = _tensors(model)
     before = {n: _raw(t).clone() for n, t in state.items()}
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _dependencies.recording_imports() as ran:
             output = model(*call_inputs)
     except Exception as exc:
         raise PackagingFailed(label, f"the model failed on example_inputs ({type(exc).__name__}: {exc}); "
@@ -260,7 +264,11 @@ def _save(
                 except PackagingError as exc:
                     raise PackagingFailed(label, _packaging_problems(exc)) from None
                 interned = exporter.interned_modules()
-                externed = exporter.externed_modules()
+                # The caller's own extern patterns are required whatever the code does: the way to say that a
+                # module imported only on a path the example did not take is needed.
+                needed = _dependencies.needed_modules(exporter.dependency_graph, ran=ran,
+                                                      always=GlobGroup(user_extern).matches)
+                externed = [m for m in exporter.externed_modules() if m in needed]
                 mocked = exporter.mocked_modules()
         manifest = _finish(tmp, label, {
             "name": name or type(model).__name__,

@@ -159,6 +159,109 @@ def test_only_the_users_code_is_interned_and_installed_distributions_are_require
     assert set(required) <= {"numpy", "pydantic", "torch", "typing_extensions", "pydantic_core", "annotated-types"}
 
 
+_BUILD_ONLY = """
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy
+
+if TYPE_CHECKING:
+    import requests
+
+
+class Scaler:
+    def __init__(self, factor: float) -> None:
+        self.factor = factor
+
+    def __call__(self, values: list[float]) -> list[float]:
+        import jsonschema  # imported when the model runs: needed to serve
+
+        jsonschema.validate(values, {"type": "array"})
+        return [float(v) for v in numpy.asarray(values) * self.factor]
+
+
+def build() -> Scaler:
+    import tqdm  # only where the factor comes from: needed to build, not to serve
+
+    return Scaler(2.0 if tqdm else 1.0)
+"""
+
+
+def test_a_distribution_imported_only_while_building_is_not_required(tmp_path: Path) -> None:
+    (tmp_path / "_build_only.py").write_text(_BUILD_ONLY)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import _build_only
+
+        m = tp.save(_build_only.build, tmp_path / "s.pt", example_inputs=([1.0, 2.0],))
+        pinned = tp.save(_build_only.build, tmp_path / "pinned.pt", example_inputs=([1.0],), extern=["tqdm"])
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("_build_only", None)
+    required = {r.split("==")[0] for r in m.requirements}
+    assert {"numpy", "jsonschema"} <= required, "imported at the module's top and by the call"
+    assert not {"tqdm", "requests"} & required, "imported only by the factory, and only for type checking"
+    assert "tqdm" not in m.extern_modules and "requests" not in m.extern_modules
+    # torch.package still lists them, so that code that does import them finds them where they are installed.
+    archive = tp.open_archive(tmp_path / "s.pt")
+    assert {"tqdm", "requests"} <= set(archive.extern_modules())
+    assert archive.optional_externs() == ["requests", "tqdm"]
+    del archive
+    assert "tqdm" in {r.split("==")[0] for r in pinned.requirements}, "a module named in extern= is required"
+    run = run_python(f"""
+        import importlib.abc, sys
+
+        class Absent(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.partition(".")[0] in ("tqdm", "requests"):
+                    raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+
+        sys.meta_path.insert(0, Absent())
+        import tenfold.packaging as tp
+        print(tp.load({str(tmp_path / 's.pt')!r}, verify=True)([1.5]))
+        try:
+            tp.load({str(tmp_path / 'pinned.pt')!r})
+        except tp.ExternMissing as exc:
+            print("refused:", exc)
+    """, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    loaded, refused = run.stdout.strip().splitlines()
+    assert loaded == "[3.0]"
+    assert refused.startswith("refused:") and "tqdm" in refused
+
+
+def test_eager_imports_are_those_a_module_runs_as_it_is_imported() -> None:
+    from tenfold.packaging import _dependencies
+
+    source = textwrap.dedent("""
+        import a
+        from .sibling import b
+        from . import c
+        from typing import TYPE_CHECKING
+        try:
+            import d
+        except ImportError:
+            d = None
+        if TYPE_CHECKING:
+            import typed_only
+        else:
+            import e
+        class K:
+            import f
+            def method(self):
+                import lazy_in_method
+            def __setstate__(self, state):
+                import g
+        def factory():
+            import lazy_in_function
+        scale = lambda: __import__("lazy_in_lambda")
+    """)
+    pairs = _dependencies.eager_imports(source, "pkg.mod", is_package=False)
+    assert pairs == [("a", None), ("pkg.sibling", "b"), ("pkg", "c"), ("typing", "TYPE_CHECKING"), ("d", None),
+                     ("e", None), ("f", None), ("g", None)]
+
+
 def _with_requirements(src: Path, dst: Path, requirements: list[str]) -> Path:
     """A copy of `src` whose manifest lists `requirements` (its content digest recomputed, as a packager would)."""
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
