@@ -1,9 +1,9 @@
 """Writing archives: a torch.package of the model's code and data, plus manifest.json.
 
 The model is any callable: a torch.nn.Module, an object with __call__ (a class holding modules, a
-tokenizer, a corpus...), or a factory (a function or class called with no arguments) of one. Only the
-user's own code is interned; the standard library and installed distributions are extern, and the
-manifest records the versions of those the model needs to load and run as requirements.
+tokenizer, a corpus...), a function taking the inputs, or a factory (a function or class called with no
+arguments) of one. Only the user's own code is interned; the standard library and installed distributions
+are extern, and the manifest records the versions of those the model needs to load and run as requirements.
 """
 
 from __future__ import annotations
@@ -45,13 +45,13 @@ def save(
 ) -> Manifest:
     """Package a model as a torch.package archive at `path` and return its manifest.
 
-    `model_or_factory` is a torch.nn.Module, any other object with __call__, or a factory: a function or a
-    class, called with no arguments to make the model. `example_inputs` is the tuple of positional arguments
-    of one call (a single tensor is taken as a one-tuple); each may be a tensor, a numpy array, bytes or a
-    JSON value (str, int, float, bool, None, list, dict). The model runs once on them: the signature (from
-    the examples and the call's type hints), a reference output, and any weight the run changed are
-    recorded in the manifest. `dynamic` maps tensor inputs to the dimensions that may vary (default:
-    dimension 0, the batch).
+    `model_or_factory` is a torch.nn.Module, any other object with __call__ (a function that takes arguments
+    too), or a factory: a function or a class, called with no arguments to make the model. `example_inputs`
+    is the tuple of positional arguments of one call (a single tensor is taken as a one-tuple); each may be
+    a tensor, a numpy array, bytes or a JSON value (str, int, float, bool, None, list, dict). The model runs
+    once on them: the signature (from the examples and the call's type hints), a reference output, and any
+    weight the run changed are recorded in the manifest. `dynamic` maps tensor inputs to the dimensions that
+    may vary (default: dimension 0, the batch).
 
     Dependencies: the model's own modules are interned (their source goes into the archive); the standard
     library and every installed distribution are extern (taken from the serving environment). The manifest
@@ -99,7 +99,8 @@ def _model_of(obj: Any) -> Any:
 
     if isinstance(obj, torch.nn.Module):
         return obj
-    if inspect.isclass(obj) or inspect.isfunction(obj):
+    # A function that cannot be called without arguments is the model itself, not a factory of one.
+    if inspect.isclass(obj) or (inspect.isfunction(obj) and not _needs_arguments(obj)):
         model = obj()
         if not callable(model):
             raise TypeError(f"the factory {obj.__qualname__} returned a {type(model).__name__}, which cannot be "
@@ -109,6 +110,11 @@ def _model_of(obj: Any) -> Any:
         return obj
     raise TypeError(f"save takes a model (a torch.nn.Module or an object with __call__) or a factory of one (a "
                     f"function or class called with no arguments), not a {type(obj).__name__}")
+
+
+def _needs_arguments(fn: Callable[..., Any]) -> bool:
+    return any(p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+               for p in inspect.signature(fn).parameters.values())
 
 
 def _as_inputs(example_inputs: Any) -> tuple[Any, ...]:
@@ -271,7 +277,7 @@ def _save(
                 externed = [m for m in exporter.externed_modules() if m in needed]
                 mocked = exporter.mocked_modules()
         manifest = _finish(tmp, label, {
-            "name": name or type(model).__name__,
+            "name": name or (model.__name__ if inspect.isfunction(model) else type(model).__name__),
             "entry": f"{ENTRY_PACKAGE}/{ENTRY_RESOURCE}",
             "inputs": specs,
             "outputs": out_specs,

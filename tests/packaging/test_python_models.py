@@ -71,6 +71,28 @@ def test_a_class_is_a_factory_and_a_module_is_the_model(tmp_path: Path) -> None:
         tp.save(lambda: 3, tmp_path / "x.pt", example_inputs=())
 
 
+def test_a_function_that_takes_the_inputs_is_the_model_and_one_that_takes_none_a_factory(tmp_path: Path) -> None:
+    (tmp_path / "_functions.py").write_text(textwrap.dedent("""
+        def shout(text: str, times: int = 1) -> str:
+            return text.upper() * times
+
+        def make():
+            return shout
+    """))
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import _functions
+
+        direct = tp.save(_functions.shout, tmp_path / "direct.pt", example_inputs=("hi",))
+        made = tp.save(_functions.make, tmp_path / "made.pt", example_inputs=("hi", 2))
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("_functions", None)
+    assert direct.name == made.name == "shout"  # a function is named for itself, not for its type
+    assert direct.signature() == "(text: str) -> str" and made.signature() == "(text: str, times: int) -> str"
+    assert tp.load(tmp_path / "direct.pt")("hi") == "HI" and tp.load(tmp_path / "made.pt")("hi", 2) == "HIHI"
+
+
 def test_without_hints_the_signature_is_inferred_from_the_example_values(tmp_path: Path) -> None:
     example = ([1, 2.5], "abc", b"\x00\x01", {"a": 1, "b": 2})
     m = tp.save(Unhinted(), tmp_path / "u.pt", example_inputs=example)
