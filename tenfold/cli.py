@@ -114,19 +114,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser(
         "package",
         help="package a model as a torch.package archive with a manifest",
-        description="Package MODULE:FACTORY (a zero-argument function returning the model, or a model object) "
-        "into an archive. Without --example-input, MODULE's example_inputs() is used; MODULE's DYNAMIC dict "
-        "(input name -> dims) marks the dimensions that vary (default: the batch dimension).",
+        description="Package MODULE:FACTORY (a function or class called with no arguments to make the model, or "
+        "the model itself: an object with __call__, or a function that takes the inputs) into an archive. The "
+        "model runs once on example inputs: one --example-input per positional argument, or, without any, "
+        "MODULE's example_inputs(). Each --example-input is a tensor spec SHAPE:DTYPE (e.g. 1x3x32x32:float32) "
+        "or else a JSON value: --example-input '\"a text\"' --example-input '[\"pos\", \"neg\"]' (a string "
+        "keeps its JSON quotes inside the shell's). MODULE's DYNAMIC dict (input name -> dims) marks the "
+        "dimensions that vary (default: the batch dimension).",
     )
     p.add_argument("target", nargs="?", metavar="MODULE:FACTORY", help="e.g. examples.resnet:build")
     p.add_argument("-o", "--output", required=True, help="archive to write, e.g. model.pt")
-    p.add_argument("--example-input", action="append", default=[], metavar="SHAPE:DTYPE",
-                   help="one input per option, e.g. 1x3x32x32:float32 (floats: normal noise; integers: 0..9)")
+    p.add_argument("--example-input", action="append", default=[], metavar="SHAPE:DTYPE|JSON",
+                   help="one positional argument per option: a tensor, e.g. 1x3x32x32:float32 (floats: normal "
+                   "noise; integers: 0..9), or any other text as JSON, e.g. '\"a text\"', '[\"pos\", \"neg\"]', 3")
     p.add_argument("--dynamic", action="append", default=[], metavar="NAME:DIMS",
                    help="dimensions of input NAME that vary, e.g. tokens:0,1 (default: dimension 0)")
     p.add_argument("--name", help="model name in the manifest (default: the model's class name)")
     p.add_argument("--intern", action="append", default=[], metavar="PATTERN", help="extra modules to intern")
-    p.add_argument("--extern", action="append", default=[], metavar="PATTERN", help="modules to take from the server")
+    p.add_argument("--extern", action="append", default=[], metavar="PATTERN",
+                   help="modules to take from the serving environment, and to require there")
     p.add_argument("--mock", action="append", default=[], metavar="PATTERN", help="modules to replace by mocks")
     p.add_argument("--from-torch-package", metavar="ARCHIVE", help="add a manifest to a plain torch.package archive")
     p.add_argument("--resource", default="model/model.pkl", help="the pickle to load with --from-torch-package")
@@ -271,13 +277,29 @@ def _import_target(target: str) -> tuple[Any, Any]:
         raise ValueError(f"module {module_name} has no attribute {attr!r}") from None
 
 
+#: What `--example-input` takes, for messages.
+_EXAMPLE_INPUT_FORMS = ("a tensor as SHAPE:DTYPE (e.g. 1x3x32x32:float32) or a JSON value (e.g. '\"a text\"' "
+                        "or '[\"pos\", \"neg\"]', quoted for the shell)")
+
+
 def parse_example_input(text: str, seed: int) -> Any:
-    """'1x3x32x32:float32' -> a tensor of that shape and dtype (seeded)."""
+    """'1x3x32x32:float32' -> a tensor of that shape and dtype (seeded); any other text is a JSON value:
+    '"a text"' -> 'a text', '["pos", "neg"]' -> ['pos', 'neg'].
+
+    The two never overlap: a spec (sizes joined by x, a colon, a dtype) is not JSON, and no JSON value
+    has that form (a quoted "2x3:int64" is a string)."""
     import torch
 
-    shape_text, _, dtype_text = text.rpartition(":")
-    if not shape_text:
-        raise ValueError(f"--example-input {text!r}: expected SHAPE:DTYPE, e.g. 1x3x32x32:float32")
+    shape_text, colon, dtype_text = text.rpartition(":")
+    if not colon or not shape_text or not set(shape_text) <= set("0123456789x"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            fix = (f"a string is JSON in double quotes: --example-input '{json.dumps(text)}'"
+                   if text.strip() and "'" not in text and not text.lstrip().startswith(("[", "{", '"'))
+                   else f"give {_EXAMPLE_INPUT_FORMS}")
+            raise ValueError(f"--example-input {text!r} is neither SHAPE:DTYPE nor JSON ({exc.msg} at character "
+                             f"{exc.pos}); {fix}") from None
     dtype = getattr(torch, dtype_text, None)
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"--example-input {text!r}: unknown dtype {dtype_text!r} (e.g. float32, int64)")
@@ -305,7 +327,7 @@ def _dynamic(items: list[str]) -> dict[str, tuple[int, ...]] | None:
 
 
 def _package(args: argparse.Namespace) -> int:
-    from tenfold.packaging import PackageError
+    from tenfold.packaging import PackageError, open_archive
 
     try:
         manifest = _package_target(args)
@@ -316,6 +338,13 @@ def _package(args: argparse.Namespace) -> int:
         return 2
     print(f"wrote {args.output}: {manifest.name} {manifest.signature()}, "
           f"{manifest.tensor_count} tensors, {manifest.weight_bytes / 1e6:.1f} MB")
+    optional = open_archive(args.output).optional_externs()
+    if optional:
+        names = ", ".join(optional)
+        flags = " ".join(f"--extern {t}" for t in optional)
+        print(f"not required: {names} (imported only by code that did not run on the example inputs, such as "
+              f"the factory; served from the environment if there). To require it: {flags}; to leave it out: "
+              f"{flags.replace('--extern', '--mock')}")
     return 0
 
 
@@ -340,7 +369,8 @@ def _package_target(args: argparse.Namespace) -> Any:
     module, factory = _import_target(args.target)
     if not inputs:
         if not hasattr(module, "example_inputs"):
-            print(f"tenfold package: {module.__name__} has no example_inputs(); pass --example-input", file=sys.stderr)
+            print(f"tenfold package: {module.__name__} has no example_inputs(); pass one --example-input per "
+                  f"positional argument of the model, {_EXAMPLE_INPUT_FORMS}", file=sys.stderr)
             return None
         inputs = tuple(module.example_inputs())
         dynamic = dynamic if dynamic is not None else getattr(module, "DYNAMIC", None)
