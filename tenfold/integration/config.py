@@ -23,7 +23,10 @@ from tenfold.runtime import MAX_INTERPRETERS
 from .sources import ArchiveSource, check_pinned
 
 DEFAULT_INTERPRETERS = 2
-DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
+#: 16 MiB: a JSON body parses into several times its size of Python objects in an interpreter, and a call on
+#: one much larger may outlast request_timeout_s in native code (costing the interpreter). Raise it for large
+#: tensor batches, best sent as Arrow.
+DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -109,7 +112,8 @@ class AppArgs(BaseModel):
         "declared lost (stuck in native code)."
     )
     max_request_bytes: PositiveInt = Field(
-        DEFAULT_MAX_REQUEST_BYTES, description="A larger request body is refused with 413 before it is parsed."
+        DEFAULT_MAX_REQUEST_BYTES, description="A larger request body is refused with 413 before it is parsed "
+        "(default 16 MiB; raise it for large tensor batches, best sent as Arrow)."
     )
     http_port: int | None = Field(
         None, ge=1, le=65535, description="Also serve the application's routes on this port of every node with a "

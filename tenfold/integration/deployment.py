@@ -24,7 +24,7 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import Response
 
-from tenfold.runtime import InterpreterPool, PoolStats, remote_traceback
+from tenfold.runtime import InterpreterPool, PoolStats, bound_free_heap, release_free_heap, remote_traceback
 
 from . import archive_cache, codec, logs, openapi, policy, routes
 from .archive_cache import ArchiveLocator
@@ -53,6 +53,7 @@ class TenfoldModel:
 
         started = time.perf_counter()
         logs.install()
+        bound_free_heap()  # the host's malloc too (pitfall 16): bodies pass through it on Serve's route
         self._args = AppArgs.model_validate(args)
         self._locator = archive
         window = self._args.autoscaling.look_back_period_s if self._args.autoscaling else 10.0
@@ -203,9 +204,11 @@ class TenfoldModel:
         progressed = stats.calls != self._calls_at_last_check
         self._calls_at_last_check = stats.calls
         if self._ping is None or self._ping.done():
+            if self._ping is not None and not self._ping.cancelled():
+                self._ping.exception()  # read, so that one that failed after a check stopped waiting is not logged
             # A worker thread of the event loop waits for the answers; the pings themselves run on the
             # interpreters' owner threads, queued behind any calls already there.
-            self._ping = asyncio.ensure_future(asyncio.to_thread(self._pool.broadcast, os.getpid))
+            self._ping = asyncio.ensure_future(asyncio.to_thread(self._ping_and_release))
         try:
             await asyncio.wait_for(asyncio.shield(self._ping), timeout=self._args.health_check_timeout_s / 2)
         except asyncio.TimeoutError:
@@ -214,6 +217,12 @@ class TenfoldModel:
                     f"the interpreters answered no ping within {self._args.health_check_timeout_s / 2:g} s "
                     "and completed no call since the last check"
                 ) from None
+
+    def _ping_and_release(self) -> None:
+        """Ping every interpreter, and give back the memory that large requests left free in each malloc, the
+        interpreters' and the host's (a 30 MB JSON body leaves hundreds of MB free in the heaps otherwise)."""
+        self._pool.broadcast(release_free_heap)
+        release_free_heap()
 
     def __del__(self) -> None:
         # Serve calls this on a graceful stop (scale-down, delete, shutdown): stop accepting on http_port and

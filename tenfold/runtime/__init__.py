@@ -1,6 +1,6 @@
 """tenfold.runtime: several isolated CPython interpreters in one process, behind an Executor."""
 
-from ._glibc import GLIBC_TUNABLES, static_tls_ready, with_glibc_tunables
+from ._glibc import GLIBC_TUNABLES, bound_free_heap, release_free_heap, static_tls_ready, with_glibc_tunables
 from ._glibc import MAX_NAMESPACES as MAX_INTERPRETERS
 from ._guest import raise_in_thread
 from .errors import (
@@ -29,9 +29,11 @@ __all__ = [
     "RemoteError",
     "RemoteTraceback",
     "RuntimeFault",
+    "bound_free_heap",
     "interpreters_alive",
     "interpreters_parked",
     "raise_in_thread",
+    "release_free_heap",
     "remote_traceback",
     "static_tls_ready",
     "usable_cores",

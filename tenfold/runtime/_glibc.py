@@ -11,6 +11,7 @@ the test that would catch its return):
 4. ctype tables are per thread and per libc copy     -> __ctype_init on every entering thread
 5. threads that entered a namespace must not exit    -> one owner thread per interpreter, for life
 6. one OpenMP pool per namespace                     -> thread budget set in the guest environment
+16. each namespace's malloc keeps what a large call freed -> bound_free_heap at start, release_free_heap
 """
 
 from __future__ import annotations
@@ -61,6 +62,51 @@ def _libc() -> ctypes.CDLL:
     libc.pthread_key_delete.argtypes = [ctypes.c_uint]
     libc.pthread_setspecific.argtypes = [ctypes.c_uint, ctypes.c_void_p]
     return libc
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+@functools.cache
+def _heap_libc() -> ctypes.CDLL:
+    # Loaded from inside an interpreter, "libc.so.6" is that namespace's own libc copy, with its own malloc.
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    if hasattr(libc, "mallinfo2"):  # glibc >= 2.33
+        libc.mallinfo2.restype = _MallInfo2
+    return libc
+
+
+#: What a malloc may keep at the top of each of its heaps before it gives it back (pitfall 16).
+HEAP_KEEP_BYTES = 32 << 20
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def bound_free_heap(keep_bytes: int = HEAP_KEEP_BYTES) -> None:
+    """Fix the calling namespace's malloc thresholds (pitfall 16): allocations of `keep_bytes` or more are mapped
+    and unmapped on their own, and a heap whose free top passes `keep_bytes` gives it back on free. glibc's
+    default raises both after each large free, so that a thread's heap kept what one large request freed."""
+    libc = _heap_libc()
+    libc.mallopt(_M_MMAP_THRESHOLD, keep_bytes)
+    libc.mallopt(_M_TRIM_THRESHOLD, keep_bytes)
+
+
+def release_free_heap(min_free_bytes: int = 16 << 20) -> int:
+    """Give the free memory of the calling namespace's malloc back to the system when it holds at least
+    `min_free_bytes` free (pitfall 16). Returns the bytes it held free, or 0 when it kept them."""
+    libc = _heap_libc()
+    if hasattr(libc, "mallinfo2"):
+        info = libc.mallinfo2()
+        free = int(info.fordblks + info.fsmblks)
+        if free < min_free_bytes:
+            return 0
+    else:
+        free = min_free_bytes
+    libc.malloc_trim(0)
+    return free
 
 
 @functools.cache

@@ -139,6 +139,9 @@ def configure(path: list[str], threads: int) -> None:
     import sys
 
     sys.path[:] = path
+    from ._glibc import bound_free_heap
+
+    bound_free_heap()  # pitfall 16: this namespace's malloc gives back what large calls free
     # RAYON_NUM_THREADS: Hugging Face tokenizers start a Rust thread pool of their own, sized like OpenMP's.
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "RAYON_NUM_THREADS"):
         os.environ[name] = str(threads)
