@@ -115,6 +115,12 @@ class AppArgs(BaseModel):
         DEFAULT_MAX_REQUEST_BYTES, description="A larger request body is refused with 413 before it is parsed "
         "(default 16 MiB; raise it for large tensor batches, best sent as Arrow)."
     )
+    max_lost_memory_mb: PositiveFloat | None = Field(
+        2048.0, description="A replica whose lost interpreters (stuck in native code; their memory can never be "
+        "returned) held more than this, by their heaps at the last health check, recycles: its health check fails, "
+        "Serve drains it and starts a fresh process. A replica that cannot replace a lost interpreter recycles "
+        "too. None: never for memory."
+    )
     http_port: int | None = Field(
         None, ge=1, le=65535, description="Also serve the application's routes on this port of every node with a "
         "replica, from inside the interpreters: each interpreter accepts, parses, runs and answers requests itself, "

@@ -24,7 +24,14 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import Response
 
-from tenfold.runtime import InterpreterPool, PoolStats, bound_free_heap, release_free_heap, remote_traceback
+from tenfold.runtime import (
+    InterpreterLost,
+    InterpreterPool,
+    PoolStats,
+    bound_free_heap,
+    release_free_heap,
+    remote_traceback,
+)
 
 from . import archive_cache, codec, logs, openapi, policy, routes
 from .archive_cache import ArchiveLocator
@@ -103,6 +110,10 @@ class TenfoldModel:
                 max_concurrent_batches=self._args.replica_interpreters,
             )(self._run_batch)
         self._ping: asyncio.Future | None = None
+        self._heaps: dict[int, int] = {}  # each interpreter's heap in use at the last ping
+        self._losses: dict[int, int] = {}  # losses counted per place
+        self._lost_bytes = 0
+        self._recycling: str | None = None
         self._calls_at_last_check = -1
         self._dataplane: DataPlane | None = None
         if self._args.http_port is not None:
@@ -201,6 +212,13 @@ class TenfoldModel:
         self._metrics.observe_pool(stats)
         if stats.healthy == 0:
             raise RuntimeError(f"none of the {stats.size} interpreters of this replica is in service")
+        if (reason := self._recycle_reason(stats)) is not None:
+            if self._recycling is None:
+                _logger.warning("tenfold replica recycles: %s; its health check fails from now on, so that Serve "
+                                "drains it and starts a fresh process", reason)
+            self._recycling = reason
+        if self._recycling is not None:
+            raise RuntimeError(f"this replica recycles: {self._recycling}")
         progressed = stats.calls != self._calls_at_last_check
         self._calls_at_last_check = stats.calls
         if self._ping is None or self._ping.done():
@@ -219,10 +237,33 @@ class TenfoldModel:
                 ) from None
 
     def _ping_and_release(self) -> None:
-        """Ping every interpreter, and give back the memory that large requests left free in each malloc, the
-        interpreters' and the host's (a 30 MB JSON body leaves hundreds of MB free in the heaps otherwise)."""
-        self._pool.broadcast(release_free_heap)
+        """Ping every interpreter, give back the memory that large requests left free in each malloc, the
+        interpreters' and the host's, and note each interpreter's heap (what it would take with it if lost)."""
+        futures = {}
+        for i in self._pool.stats().interpreters:
+            if not i.lost:
+                with contextlib.suppress(InterpreterLost):
+                    futures[i.index] = self._pool.submit_to(i.index, release_free_heap)
+        for index, future in futures.items():
+            self._heaps[index] = future.result()
         release_free_heap()
+
+    def _recycle_reason(self, stats: PoolStats) -> str | None:
+        """Why this replica should be replaced by a fresh process, if it should: a lost interpreter it cannot
+        replace, or lost interpreters holding more than max_lost_memory_mb."""
+        for i in stats.interpreters:
+            losses = i.replaced + i.lost
+            new = losses - self._losses.get(i.index, 0)
+            if new > 0:  # each loss here took about the heap this place had at the last ping
+                self._lost_bytes += new * self._heaps.pop(i.index, 0)
+                self._losses[i.index] = losses
+            if i.lost and i.replace_error and self._args.replace_lost_interpreters:
+                return f"interpreter {i.index} was lost and cannot be replaced ({i.replace_error})"
+        limit = self._args.max_lost_memory_mb
+        if limit is not None and self._lost_bytes > limit * 2**20:
+            return (f"its lost interpreters hold about {self._lost_bytes / 2**20:.0f} MB that can never be returned, "
+                    f"more than max_lost_memory_mb ({limit:g})")
+        return None
 
     def __del__(self) -> None:
         # Serve calls this on a graceful stop (scale-down, delete, shutdown): stop accepting on http_port and

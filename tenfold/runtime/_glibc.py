@@ -96,17 +96,15 @@ def bound_free_heap(keep_bytes: int = HEAP_KEEP_BYTES) -> None:
 
 def release_free_heap(min_free_bytes: int = 16 << 20) -> int:
     """Give the free memory of the calling namespace's malloc back to the system when it holds at least
-    `min_free_bytes` free (pitfall 16). Returns the bytes it held free, or 0 when it kept them."""
+    `min_free_bytes` free (pitfall 16). Returns the bytes its heap has in use (0 where glibc cannot say)."""
     libc = _heap_libc()
-    if hasattr(libc, "mallinfo2"):
-        info = libc.mallinfo2()
-        free = int(info.fordblks + info.fsmblks)
-        if free < min_free_bytes:
-            return 0
-    else:
-        free = min_free_bytes
-    libc.malloc_trim(0)
-    return free
+    if not hasattr(libc, "mallinfo2"):
+        libc.malloc_trim(0)
+        return 0
+    info = libc.mallinfo2()
+    if info.fordblks + info.fsmblks >= min_free_bytes:
+        libc.malloc_trim(0)
+    return int(info.uordblks + info.hblkhd)
 
 
 @functools.cache

@@ -352,6 +352,7 @@ class InterpreterPool(Executor):
                     utilization=s.meter.utilization(now),
                     lost=s.lost,
                     replaced=s.replaced,
+                    replace_error=s.replace_error if s.lost else None,
                 )
                 for s in self._slots
             ],

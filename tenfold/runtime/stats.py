@@ -20,6 +20,7 @@ class InterpreterStats:
     utilization: float
     lost: bool = False
     replaced: int = 0  # interpreters started in this place after the one before was lost
+    replace_error: str | None = None  # why this lost place could not get another interpreter
 
 
 @dataclass(frozen=True)

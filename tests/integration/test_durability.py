@@ -217,6 +217,46 @@ def test_a_lost_interpreter_is_replaced_within_5_s_and_the_replica_goes_on(serve
         serve.delete("replace")
 
 
+def test_a_replica_whose_lost_interpreters_hold_too_much_recycles_and_no_other_request_fails(
+        serve_session, store) -> None:  # noqa: ANN001
+    url = deploy(serve_session, "recycle", {"archive": str(store.archives["native_sleep"]), "interpreters": 2,
+                                            "num_replicas": 2, "request_timeout_s": 1.0, "interrupt_grace_s": 0.5,
+                                            "health_check_period_s": 1.0, "max_lost_memory_mb": 1.0})
+    from ray import serve
+
+    def pids() -> set[int]:
+        return {requests.get(f"{url}/-/stats", timeout=30).json()["pid"] for _ in range(10)}
+
+    try:
+        before = wait_for(lambda: len(p := pids()) == 2 and p, 60, "both replicas answering")
+        answers: list[int] = []
+        stop = threading.Event()
+
+        def load() -> None:
+            while not stop.is_set():
+                answers.append(post(url, X).status_code)
+
+        clients = [threading.Thread(target=load) for _ in range(2)]
+        for c in clients:
+            c.start()
+        try:
+            # Stuck in native code: 504, and its interpreter is lost for good, with what it held. Its replica keeps
+            # serving from its other interpreter, but recycles: Serve drains it and starts a fresh process.
+            assert post(url, [[models.SLEEP, 8.0, 0, 0]]).status_code == 504
+            after = wait_for(lambda: len(p := pids()) == 2 and len(p & before) == 1 and p, 120,
+                             "one replica to be replaced by a fresh process")
+        finally:
+            stop.set()
+            for c in clients:
+                c.join()
+        assert len(after - before) == 1
+        assert answers and set(answers) == {200}, {code: answers.count(code) for code in set(answers)}
+        status = serve.status().applications["recycle"].deployments["recycle"]
+        assert status.replica_states.get("RUNNING") == 2, status
+    finally:
+        serve.delete("recycle")
+
+
 def test_the_node_holding_the_archive_dies_and_a_new_replica_fetches_it_again(store, tmp_path: Path) -> None:  # noqa: ANN001
     s3 = store.upload(store.archives["healthy"], "healthy/node.pt")
     done = subprocess.run(
