@@ -54,10 +54,11 @@ def resolve_backend(backend: str) -> str:
 
 
 class _WorkItem:
-    __slots__ = ("future", "fn", "args", "kwargs")
+    __slots__ = ("future", "fn", "args", "kwargs", "taken")
 
     def __init__(self, future: Future, fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
         self.future, self.fn, self.args, self.kwargs = future, fn, args, kwargs
+        self.taken = False  # handed to an idle interpreter at submit: running, as a stdlib worker's item is
 
 
 class _Slot:
@@ -251,9 +252,14 @@ class InterpreterPool(Executor):
             first = not self._shutdown
             self._shutdown = True
             if cancel_futures:
+                # As the stdlib executors do: what no interpreter has taken is cancelled; what one took runs.
                 for slot in self._slots:
-                    while slot.queue:
-                        slot.queue.popleft().future.cancel()
+                    kept = [item for item in slot.queue if item.taken]
+                    for item in slot.queue:
+                        if not item.taken:
+                            item.future.cancel()
+                    slot.queue.clear()
+                    slot.queue.extend(kept)
         if first:
             self._finalizer.detach()
             _release_all(self._slots)
@@ -273,12 +279,19 @@ class InterpreterPool(Executor):
         """
         if future.cancel() or future.done():
             return True
-        with self._lock:
-            found = next(((s, s.current[1]) for s in self._slots if s.current is not None and s.current[0] is future),
-                         None)
-            if found is None:
-                return future.done()
-            slot, call_id = found
+        deadline = time.monotonic() + grace_s
+        while True:
+            with self._lock:
+                found = next(((s, s.current[1]) for s in self._slots
+                              if s.current is not None and s.current[0] is future), None)
+                # Taken at submit by an idle interpreter and about to start there: wait for it to.
+                taken = found is None and any(item.future is future for s in self._slots for item in s.queue)
+            if found is not None or not taken or time.monotonic() > deadline:
+                break
+            time.sleep(0.001)
+        if found is None:
+            return future.done()
+        slot, call_id = found
         slot.interpreter.interrupt(call_id)
         done = _wait_done(future, grace_s)
         if done:
@@ -366,7 +379,12 @@ class InterpreterPool(Executor):
 
     def _enqueue(self, slot: _Slot, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Future:
         future: Future = Future()
-        slot.queue.append(_WorkItem(future, fn, args, kwargs))
+        item = _WorkItem(future, fn, args, kwargs)
+        if not slot.running and not slot.queue and not slot.lost:
+            # An idle interpreter takes the call now (its thread starts it at once): like a stdlib worker's,
+            # it is running from here on, so that neither cancel() nor shutdown(cancel_futures=True) drops it.
+            item.taken = future.set_running_or_notify_cancel()
+        slot.queue.append(item)
         slot.interpreter.post(functools.partial(self._run_next, slot, slot.interpreter))
         return future
 
@@ -379,7 +397,7 @@ class InterpreterPool(Executor):
             item = slot.queue.popleft()
             slot.running = True
         try:
-            if not item.future.set_running_or_notify_cancel():
+            if not item.taken and not item.future.set_running_or_notify_cancel():
                 return
             meter = slot.meter
             meter.begin(time.monotonic())

@@ -325,6 +325,22 @@ def test_shutdown_with_cancel_futures_cancels_what_is_queued():
     assert running.result(timeout=30) == b"x"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shutdown_with_cancel_futures_runs_the_calls_idle_interpreters_took_as_the_stdlib_executors_do(backend):
+    # CPython's test_cancel_futures, with the stricter claim the pool can make: each idle interpreter takes the
+    # first call submitted to it, which runs to its end.
+    p = InterpreterPool(2, backend=backend)
+    fs = [p.submit(time.sleep, 0.1) for _ in range(50)]
+    assert not fs[0].cancel() and not fs[1].cancel()  # taken: running, as a stdlib worker's
+    p.shutdown(cancel_futures=True)
+    cancelled = [f for f in fs if f.cancelled()]
+    others = [f for f in fs if not f.cancelled()]
+    assert len(cancelled) > 20
+    assert len(others) >= 2 and fs[0] in others and fs[1] in others
+    for f in others:
+        assert f.done() and f.exception() is None
+
+
 def test_no_reference_to_arguments_or_results_outlives_the_call(pool):
     import torch  # noqa: F401 - with torch loaded the host pickles through its tensor-aware pickler
 
