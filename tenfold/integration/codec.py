@@ -160,7 +160,7 @@ def predict_json(model: Any, body: bytes, interface: Interface) -> bytes:
     if interface.takes_values:
         try:
             inputs = _signature.prepare_inputs(model, interface.inputs, parse_inputs(body, interface.inputs),
-                                               interface.signature)
+                                               interface.signature, from_json=True)
         except ValueError as exc:
             raise InvalidInput(str(exc)) from None
         return encode_value(model(*inputs))

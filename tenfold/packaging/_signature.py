@@ -224,13 +224,16 @@ def _check_dtype_and_shape(spec: TensorSpec, t: Any, where: str, signature: str)
             raise ValueError(f"{where} has size {got} in dim {d} (shape {list(t.shape)}), expected {spec.describe()}")
 
 
-def prepare_inputs(model: Any, specs: Sequence[Spec], inputs: Sequence[Any], signature: str) -> list[Any]:
+def prepare_inputs(model: Any, specs: Sequence[Spec], inputs: Sequence[Any], signature: str, *,
+                   from_json: bool = False) -> list[Any]:
     """`inputs` checked against `specs` and converted for the call, inside the interpreter that runs it.
 
     A tensor input may come as a tensor (checked), a numpy array (seen as a tensor, no copy) or nested
     lists (converted to the spec's dtype); a value input is validated by its type hint through pydantic
-    (which may convert it, e.g. a dict into a pydantic model) or against its inferred schema. A value
-    that does not fit raises ValueError naming the input and what was expected.
+    (which may convert it, e.g. a dict into a pydantic model) or against its inferred schema. Inputs
+    `from_json` (an HTTP body) are first held to the JSON Schema the OpenAPI document publishes, so that
+    what it rejects is refused (pydantic's lax mode would take 0 for a bool). A value that does not fit
+    raises ValueError naming the input and what was expected.
     """
     if len(inputs) != len(specs):
         raise ValueError(f"expected {len(specs)} input(s), got {len(inputs)}; the model's signature is {signature}")
@@ -243,7 +246,10 @@ def prepare_inputs(model: Any, specs: Sequence[Spec], inputs: Sequence[Any], sig
             _check_tensor(spec, value, where, signature)
         elif spec.hinted:
             hinted = hints(model) if hinted is None else hinted
+            raw = value
             value = _validate_hinted(hinted.get(spec.name), spec, value, where)
+            if from_json and spec.json_schema:  # what pydantic's lax mode took, the published schema must allow
+                _values.validate(spec.json_schema, raw, where, spec.type)
         else:
             _values.validate(spec.json_schema, value, where, spec.type)
         out.append(value)

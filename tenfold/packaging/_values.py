@@ -54,12 +54,27 @@ def _merge(items: list[tuple[str, dict[str, Any]]]) -> tuple[str, dict[str, Any]
     return " | ".join(t for t, _ in unique), {"anyOf": [s for _, s in unique]}
 
 
+_validators: dict[int, tuple[dict[str, Any], Any]] = {}
+
+
+def _validator(schema: dict[str, Any]) -> Any:
+    """The validator of `schema`, made once (`jsonschema.validate` checks the schema itself on every call)."""
+    entry = _validators.get(id(schema))
+    if entry is None or entry[0] is not schema:  # the schema object is kept with it: its id is not reused
+        import jsonschema
+
+        entry = _validators[id(schema)] = (schema, jsonschema.Draft202012Validator(schema))
+    return entry[1]
+
+
 def validate(schema: dict[str, Any], value: Any, where: str, expected: str) -> None:
     """ValueError naming `where` and the `expected` type unless the JSON value `value` fits `schema`."""
     import jsonschema
 
     try:
-        jsonschema.validate(to_json(value), schema, cls=jsonschema.Draft202012Validator)
+        error = jsonschema.exceptions.best_match(_validator(schema).iter_errors(to_json(value)))
+        if error is not None:
+            raise error
     except jsonschema.ValidationError as exc:
         at = "".join(f"[{p!r}]" for p in exc.absolute_path)
         raise ValueError(f"{where} must be {expected}; {('at ' + at + ': ') if at else ''}{exc.message}") from None

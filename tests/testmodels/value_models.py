@@ -3,11 +3,11 @@ goes into their archives while pydantic, numpy and torch stay extern."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 
 class Keywords:
@@ -64,3 +64,27 @@ class Refuser:
         if "rude" in text:
             raise Refusal(f"will not answer {text!r}")
         return text.upper()
+
+
+class Point(BaseModel):
+    x: float
+    y: float = 0.0
+    tag: Literal["a", "b"] | None = None
+
+
+class Contract:
+    """Inputs of every JSON kind, with constraints: what the OpenAPI contract tests send bodies to."""
+
+    def __call__(self, flag: bool, count: Annotated[int, Field(ge=0, le=100)], ratio: float,
+                 name: Annotated[str, Field(max_length=8)], tags: list[str], point: Point,
+                 weights: dict[str, float]) -> dict[str, Any]:
+        return {"flag": flag, "count": count, "tags": len(tags), "tag": point.tag, "weights": len(weights)}
+
+
+def contract() -> Contract:
+    return Contract()
+
+
+CONTRACT_BY_NAME: dict[str, Any] = {"flag": True, "count": 3, "ratio": 0.5, "name": "n", "tags": ["a"],
+                                    "point": {"x": 1.0}, "weights": {"a": 1.0}}
+CONTRACT_EXAMPLE = (True, 3, 0.5, "n", ["a"], Point(x=1.0), {"a": 1.0})
