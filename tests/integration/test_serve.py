@@ -3,7 +3,6 @@ batching, autoscaling and metrics."""
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -360,53 +359,102 @@ def test_a_batched_call_past_request_timeout_is_a_504_and_its_batch_runs_to_the_
 # -- autoscaling, and the archive from the object store --------------------------------------------
 
 
-def test_autoscaling_follows_interpreter_utilization(serve_session, probe_archive: Path, tmp_path: Path) -> None:
+def _autoscaled(name: str, archive: Path, args: dict | None = None, **autoscaling: float) -> str:
     from ray import serve
 
     from tenfold.integration import app_builder
 
-    archive = tmp_path / "scaling.pt"
-    shutil.copy(probe_archive, archive)
-    app = app_builder({
-        "archive": str(archive),
-        "interpreters": 1,
-        "num_cpus": 0.25,
-        "autoscaling": {"min_replicas": 1, "max_replicas": 3, "target_utilization": 0.5, "upscale_delay_s": 1.0,
-                        "downscale_delay_s": 3.0, "look_back_period_s": 2.0},
-    })
-    serve.run(app, name="scaling", route_prefix="/scaling")
-    url = f"{serve_session.url}/scaling"
-    stop = threading.Event()
-    pids: set[int] = set()
-    failures: list[str] = []
+    scaling = {"min_replicas": 1, "max_replicas": 3, "target_utilization": 0.5, "upscale_delay_s": 1.0,
+               "downscale_delay_s": 3.0, "look_back_period_s": 2.0, **autoscaling}
+    serve.run(app_builder({"archive": str(archive), "interpreters": 2, "num_cpus": 0.25, "autoscaling": scaling,
+                           "name": name, **(args or {})}), name=name, route_prefix=f"/{name}")
+    return name
 
+
+def _load(url: str, body: dict, clients: int, stop: threading.Event, failures: list[str]) -> list[threading.Thread]:
     def client() -> None:  # one request outstanding per client: the load is bounded
-        body = {"inputs": [[[SPIN, 40.0, 0.0, 0.0]], [1]]}
-        while not stop.is_set():
-            r = requests.post(url, json=body, timeout=60)
-            if r.status_code != 200:
-                failures.append(r.text)
+        with requests.Session() as s:
+            while not stop.is_set():
+                r = s.post(url, json=body, timeout=60)
+                if r.status_code != 200:
+                    failures.append(r.text)
 
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def test_the_deployed_policy_is_utilization_with_the_configured_target(serve_session, probe_archive: Path) -> None:
+    import ray
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    name = _autoscaled("policy", probe_archive, target_utilization=0.35)
     try:
-        assert running_replicas("scaling", "probe") == 1
-        with ThreadPoolExecutor(6) as clients:
-            for _ in range(6):
-                clients.submit(client)
-            try:
-                wait_for(lambda: running_replicas("scaling", "probe") >= 2, 90, "a scale-up under load")
-                # New replicas serve. Generous: on a loaded machine the proxy may learn of a new replica many
-                # seconds late.
-                deadline = time.monotonic() + 90
-                while len(pids) < 2 and time.monotonic() < deadline:
-                    pids.add(requests.get(f"{url}/-/stats", timeout=30).json()["pid"])
-            finally:
-                stop.set()
+        details = ray.get(_get_global_client()._controller.get_serve_instance_details.remote())
+        config = details["applications"][name]["deployments"][name]["deployment_config"]["autoscaling_config"]
+        assert config["policy"]["policy_function"] == "tenfold.integration.policy:UtilizationPolicy", config
+        assert config["policy"]["policy_kwargs"] == {"target_utilization": 0.35}, config
+    finally:
+        serve.delete(name)
+
+
+def test_interpreters_busy_at_low_concurrency_scale_up_and_back(serve_session, probe_archive: Path) -> None:
+    from ray import serve
+
+    # Two clients, each with one long call outstanding: 2 ongoing requests per replica is Serve's own target
+    # (target_ongoing_requests), so its default policy would stay at 1 replica; the two interpreters are busy all
+    # the time, 2x the target utilization.
+    name = _autoscaled("busy", probe_archive)
+    url, stop, failures, pids = f"{serve_session.url}/busy", threading.Event(), [], set()
+    try:
+        assert running_replicas(name, name) == 1
+        started = time.monotonic()
+        threads = _load(url, {"inputs": [[[SPIN, 400.0, 0.0, 0.0]], [1]]}, 2, stop, failures)
+        try:
+            wait_for(lambda: running_replicas(name, name) >= 2, 90, "a scale-up of busy interpreters")
+            up_s = time.monotonic() - started
+            # The new replica serves. Generous: on a loaded machine the proxy may learn of it many seconds late.
+            deadline = time.monotonic() + 90
+            while len(pids) < 2 and time.monotonic() < deadline:
+                pids.add(requests.get(f"{url}/-/stats", timeout=30).json()["pid"])
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        idle = time.monotonic()
+        wait_for(lambda: running_replicas(name, name) == 1, 90, "a scale-down once idle")
+        print(f"\nscaled 1 -> 2 replicas in {up_s:.1f} s under load, 2 -> 1 in {time.monotonic() - idle:.1f} s idle")
         assert not failures, failures[:3]
         assert len(pids) >= 2, pids
-        wait_for(lambda: running_replicas("scaling", "probe") == 1, 90, "a scale-down once idle")
     finally:
         stop.set()
-        serve.delete("scaling")
+        serve.delete(name)
+
+
+def test_many_short_requests_with_idle_interpreters_do_not_scale_up(serve_session, probe_archive: Path) -> None:
+    from ray import serve
+
+    # Six clients of calls that take the interpreters well under a millisecond, each request waiting a quarter of a
+    # second in the replica for a batch of 8 to fill: 6 ongoing requests, three times Serve's own target
+    # (target_ongoing_requests), which takes its default policy to 3 replicas; the interpreters are idle.
+    name = _autoscaled("short", probe_archive, {"max_batch_size": 8, "batch_wait_timeout_s": 0.25})
+    url, stop, failures = f"{serve_session.url}/short", threading.Event(), []
+    threads = _load(url, {"inputs": [[[1.0, 2.0, 3.0, 4.0]], [1]]}, 6, stop, failures)
+    try:
+        deadline = time.monotonic() + 30.0  # past the 18 s a scale-up took in the busy test
+        while time.monotonic() < deadline:
+            assert running_replicas(name, name) == 1, "scaled up with idle interpreters"
+            time.sleep(0.5)
+        stats = requests.get(f"{url}/-/stats", timeout=30).json()
+        assert stats["utilization"] < 0.2 and stats["calls"] > 10, stats
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        serve.delete(name)
+    assert not failures, failures[:3]
 
 
 def prometheus_samples(name: str, **labels: str) -> list:
