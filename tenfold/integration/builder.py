@@ -10,6 +10,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.config import BackpressureConfig
 
+from . import codec
 from .archive_cache import ArchiveLocator, file_stamp
 from .config import AppArgs
 from .deployment import TenfoldModel
@@ -30,10 +31,13 @@ def _check_batching(args: AppArgs, manifest: Any) -> None:
     if args.max_batch_size is None:
         return
     if manifest.takes_values:
+        if codec.batches_values(manifest):
+            return  # requests' lists are joined into one list, and the results split back
         raise DeployError(
-            f"max_batch_size joins requests along the first dimension of tensor inputs; {manifest.name} takes "
-            f"Python values {manifest.signature()}, which have none. Drop max_batch_size (each request is one "
-            "call, and the model may batch the values of one request itself, e.g. a list of texts)"
+            f"max_batch_size joins requests into one call: the items of a model that maps one list to a list of "
+            f"results of the same length, as (texts: list[str]) -> list[list[float]], or tensor inputs along "
+            f"their first dimension. {manifest.name} takes {manifest.signature()}, neither. Drop max_batch_size "
+            "(each request is then one call), or give the model a list-to-list signature"
         )
     fixed = [s.describe() for s in [*manifest.inputs, *manifest.outputs] if not s.shape or s.shape[0] is not None]
     if fixed:

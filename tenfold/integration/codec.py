@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from tenfold.packaging import Manifest, Spec, TensorSpec, _arrays, _signature, _values
+from tenfold.packaging import Manifest, Spec, TensorSpec, ValueSpec, _arrays, _signature, _values
 
 JSON_TYPE = "application/json"
 ARROW_TYPE = "application/vnd.apache.arrow.stream"
@@ -94,6 +94,15 @@ class Interface:
     def takes_values(self) -> bool:
         """True for a Python-valued model (any input or the output is not a tensor)."""
         return self.structure == "value" or not all(isinstance(s, TensorSpec) for s in self.inputs)
+
+
+def batches_values(manifest: Manifest) -> bool:
+    """Whether a Python-valued model takes a batch: one list in, a list out (of the same length, one result per
+    item), as `(texts: list[str]) -> list[list[float]]`. Requests to it can be joined into one call."""
+    def is_list(specs: Sequence[Spec]) -> bool:
+        return len(specs) == 1 and isinstance(specs[0], ValueSpec) and specs[0].json_schema.get("type") == "array"
+
+    return manifest.takes_values and is_list(manifest.inputs) and is_list(manifest.outputs)
 
 
 def _signature_of(specs: Sequence[Any]) -> str:

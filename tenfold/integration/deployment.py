@@ -24,6 +24,7 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import Response
 
+from tenfold.packaging import ValueSpec, _values
 from tenfold.runtime import (
     InterpreterLost,
     InterpreterPool,
@@ -103,12 +104,13 @@ class TenfoldModel:
         self._interface = codec.Interface.of(self._manifest)
         self._metrics = ReplicaMetrics()
         self._batched = None
+        self._batches_values = self._interface.takes_values  # checked by the builder: list in, list out
         if self._args.max_batch_size is not None:
             self._batched = serve.batch(
                 max_batch_size=self._args.max_batch_size,
                 batch_wait_timeout_s=self._args.batch_wait_timeout_s,
                 max_concurrent_batches=self._args.replica_interpreters,
-            )(self._run_batch)
+            )(self._run_value_batch if self._batches_values else self._run_batch)
         self._ping: asyncio.Future | None = None
         self._heaps: dict[int, int] = {}  # each interpreter's heap in use at the last ping
         self._losses: dict[int, int] = {}  # losses counted per place
@@ -312,6 +314,8 @@ class TenfoldModel:
             self._model.check_inputs(inputs)
         except ValueError as exc:
             raise codec.InvalidInput(str(exc)) from None
+        if self._batches_values:
+            return await self._infer_in_batch(inputs[0])
         rows = {getattr(v, "shape", ())[:1] for v in inputs}
         if len(rows) != 1 or rows == {()}:
             raise codec.InvalidInput("with batching, every input needs the same first (batch) dimension; "
@@ -351,6 +355,45 @@ class TenfoldModel:
         except Exception:  # noqa: BLE001 - the caller has its 504 already; this must not go unseen
             _logger.exception("interrupting a timed-out call failed")
         self._metrics.observe_pool(self._pool.stats())
+
+    async def _infer_in_batch(self, items: Any) -> list[Any]:
+        """A request's list of items, run in one call with the items of other requests; its results come back
+        as one list, in order. Each request is checked here first, so that a bad one fails alone."""
+        (spec,) = self._interface.inputs
+        assert isinstance(spec, ValueSpec)
+        try:
+            _values.validate(spec.json_schema, items, f"input 0 ({spec.name!r})", spec.type)
+        except ValueError as exc:
+            raise codec.InvalidInput(str(exc)) from None
+        # A batch is shared by several requests: one caller's deadline cannot stop it.
+        result = await self._outcome(asyncio.ensure_future(self._batched(list(items))), None)  # type: ignore[misc]
+        if isinstance(result, _Failed):
+            raise result.error
+        return result
+
+    async def _run_value_batch(self, batch: list[list[Any]]) -> list[Any]:
+        """One model call on the items of several requests, joined in order; the results split back."""
+        counts = [len(items) for items in batch]
+        joined = [item for items in batch for item in items]
+        try:
+            results = await asyncio.wrap_future(self._model.submit(joined))
+        except ValueError:
+            if len(batch) == 1:
+                raise
+            # A check past the schema (a validator of the model's types) refused the batch: each request alone,
+            # so that only the ones at fault fail.
+            alone = await asyncio.gather(*(asyncio.wrap_future(self._model.submit(items)) for items in batch),
+                                         return_exceptions=True)
+            return [_Failed(r) if isinstance(r, BaseException) else r for r in alone]
+        if not isinstance(results, list) or len(results) != len(joined):
+            got = f"{len(results)} results" if isinstance(results, list) else f"a {type(results).__name__}"
+            raise TypeError(f"a batched model must return one result per item: it returned {got} for "
+                            f"{len(joined)} items")
+        out, start = [], 0
+        for n in counts:
+            out.append(results[start:start + n])
+            start += n
+        return out
 
     async def _run_batch(self, batch: list[list[Any]]) -> list[Any]:
         """One model call for several requests: inputs joined along dimension 0, outputs split back.
@@ -403,6 +446,9 @@ class TenfoldModel:
     async def _predict(self, request: Request) -> Response:
         media = routes.media_type(request.headers.get("content-type"), self._interface)
         body = await _read_body(request, self._args.max_request_bytes)
+        if self._batched is not None and self._batches_values:  # JSON only (media_type refuses Arrow for values)
+            return Response(codec.encode_value(await self._infer(codec.parse_inputs(body, self._interface.inputs))),
+                            media_type=codec.JSON_TYPE)
         if self._batched is None:
             # Decoding, the call and encoding all happen in an interpreter: the host only moves bytes.
             predict = codec.predict_json if media == codec.JSON_TYPE else codec.predict_arrow
@@ -417,6 +463,13 @@ class TenfoldModel:
         if media == codec.ARROW_TYPE:
             return Response(codec.encode_arrow(outputs, self._interface.outputs), media_type=codec.ARROW_TYPE)
         return Response(codec.encode_json(outputs), media_type=codec.JSON_TYPE)
+
+
+class _Failed:
+    """A request's own error from a batch that was run request by request (see `_run_value_batch`)."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

@@ -11,7 +11,6 @@ from types import SimpleNamespace
 import pytest
 import requests
 import yaml
-
 from support import ROOT
 
 pytestmark = pytest.mark.ray

@@ -4,6 +4,7 @@ through handles, validation as 422s, and the OpenAPI document of `POST /` built 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
@@ -121,11 +122,57 @@ def test_semantic_search_answers_typed_hits_over_http_and_handles(search: Simple
     assert r.status_code == 422 and "input 1 ('k') must be int (>= 1, <= 24)" in r.json()["error"]["message"]
 
 
-def test_batching_a_python_valued_model_is_refused_at_deploy_with_the_reason(minilm_archive: Path) -> None:
+def test_batching_a_model_that_does_not_map_a_list_to_a_list_is_refused_at_deploy(search_archive: Path) -> None:
     from tenfold.integration import DeployError, app_builder
 
-    with pytest.raises(DeployError, match=r"takes Python values \(texts: list\[str\]\).*Drop max_batch_size"):
-        app_builder({"archive": str(minilm_archive), "max_batch_size": 8})
+    with pytest.raises(DeployError, match=r"takes \(query: str, k: int.*neither. Drop max_batch_size"):
+        app_builder({"archive": str(search_archive), "max_batch_size": 8})
+
+
+@pytest.fixture(scope="module")
+def batched(serve_session, minilm_archive: Path) -> Iterator[SimpleNamespace]:  # noqa: ANN001
+    from ray import serve
+
+    from tenfold.integration import app_builder
+
+    app = app_builder({"archive": str(minilm_archive), "interpreters": 2, "num_cpus": 0.5, "name": "batched",
+                       "max_batch_size": 8, "batch_wait_timeout_s": 0.05})
+    handle = serve.run(app, name="batched", route_prefix="/batched")
+    try:
+        yield SimpleNamespace(url=f"{serve_session.url}/batched", handle=handle, host=tp.load(minilm_archive))
+    finally:
+        serve.delete("batched")
+
+
+def test_concurrent_requests_are_joined_into_calls_and_each_gets_its_own_results_back(
+        batched: SimpleNamespace) -> None:
+    requests_texts = [[f"text {i} of request {r}" for i in range(1 + r % 3)] for r in range(12)]
+    before = requests.get(f"{batched.url}/-/stats", timeout=30).json()["calls"]
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(lambda texts: requests.post(batched.url, json={"inputs": {"texts": texts}},
+                                                            timeout=60), requests_texts))
+    calls = requests.get(f"{batched.url}/-/stats", timeout=30).json()["calls"] - before
+    for texts, r in zip(requests_texts, answers):
+        assert r.status_code == 200, r.text
+        close(r.json()["outputs"], batched.host(texts))  # its slice, whole and in order
+    assert calls < len(requests_texts), calls  # joined: fewer model calls than requests
+    # Handles too, by position and by name.
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda t: batched.handle.remote(texts=t).result(timeout_s=60), requests_texts[:6]))
+    for texts, got in zip(requests_texts, results):
+        close(got, batched.host(texts))
+
+
+def test_one_bad_request_in_a_batch_fails_alone(batched: SimpleNamespace) -> None:
+    bodies = [{"inputs": [["fine", "also fine"]]}, {"inputs": [["good", 7]]}, {"inputs": [["fine too"]]},
+              {"inputs": ["not a list"]}]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        answers = list(pool.map(lambda b: requests.post(batched.url, json=b, timeout=60), bodies))
+    assert [a.status_code for a in answers] == [200, 422, 200, 422], [a.text for a in answers]
+    assert "input 0 ('texts')" in answers[1].json()["error"]["message"]
+    close(answers[0].json()["outputs"], batched.host(["fine", "also fine"]))
+    with pytest.raises(ValueError, match=r"input 0 \('texts'\)"):
+        batched.handle.remote([3]).result(timeout_s=60)
 
 
 def test_memory_a_large_request_took_is_given_back(serve_session, tmp_path: Path) -> None:  # noqa: ANN001
