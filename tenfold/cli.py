@@ -210,10 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", default="rnn_tagger,resnet,minilm_embedder",
                    help="examples (or archives) to serve, comma-separated")
     p.add_argument("--cost-models", default="wide_mlp,rnn_tagger,resnet,minilm_embedder",
-                   help="examples (or archives) whose cost to measure (default: these four)")
+                   help="examples (or archives) whose cost to measure (default: these four; none: no cost)")
     p.add_argument("--sizes", type=_sizes, default=[2, 4], help="N for the cost (default 2,4)")
     p.add_argument("--setups", default="tenfold,plain-mmap,plain-private,threads",
-                   help="which of tenfold, plain-mmap, plain-private, threads to run")
+                   help="which of tenfold, plain-mmap, plain-private, threads, tenfold-batched to run")
     p.add_argument("--rounds", type=int, default=10, help="interleaved rounds of load per set-up (0: cost only)")
     p.add_argument("--seconds", type=_positive(float), default=6.0, help="measured load per set-up and round")
     p.add_argument("--warmup-s", type=_positive(float), default=3.0, help="load before measuring")

@@ -6,6 +6,8 @@ Set-ups, each serving one example model from one local Ray:
                  the page cache holds one copy for all of them): the strongest plain set-up
   plain-private  N replicas x 1 process, loaded with torch.package's own PackageImporter (a copy each)
   threads        1 replica x N interpreters of the threads backend (one GIL)
+  tenfold-batched  tenfold with max_batch_size 8: concurrent requests joined into one call (speed only; for
+                 models that batch: tensor models with a batch dimension, list-to-list Python-valued ones)
 
 Cost (each set-up deployed alone, for every N of --sizes): the machine-wide PSS delta (every process's
 proportional set size, so that shared pages, the page cache's mapped pages and the object store count
@@ -28,7 +30,8 @@ from typing import Any
 
 from . import common
 
-SETUPS = ("tenfold", "plain-mmap", "plain-private", "threads")
+SETUPS = ("tenfold", "plain-mmap", "plain-private", "threads", "tenfold-batched")
+BATCH = 8  # tenfold-batched's max_batch_size: the load's concurrency
 SPEED_CPUS = 2
 _ONGOING = 16  # requests each set-up admits at once (two plain replicas: 8 each), above the load's 8
 _WARMUP_REQUESTS = 20
@@ -93,9 +96,10 @@ def _application(setup: str, archive: Path, size: int, cpus: float, more: int = 
             ray_actor_options={"num_cpus": cpus / size},
         )
         return deployment.bind(str(archive), setup.removeprefix("plain-"))
+    batching = {"max_batch_size": BATCH} if setup == "tenfold-batched" else {}
     return app_builder({"archive": str(archive), "interpreters": size, "num_cpus": cpus, "num_replicas": 1 + more,
-                        "backend": "namespaces" if setup == "tenfold" else "threads", "threads_per_interpreter": 1,
-                        "max_ongoing_requests": _ONGOING, "name": setup})
+                        "backend": "threads" if setup == "threads" else "namespaces", "threads_per_interpreter": 1,
+                        "max_ongoing_requests": _ONGOING, "name": setup, **batching})
 
 
 def _pids(url: str, processes: int, timeout_s: float = 120) -> set[int]:
@@ -318,6 +322,11 @@ def _speed_ratios(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             ratios[model] = {"throughput_vs_plain": t["throughput_rps"] / p["throughput_rps"],
                              "throughput_vs_plain_by_round": per_round,
                              "p99_vs_plain": t["p99_ms"] / p["p99_ms"]}
+        b = by.get((model, "tenfold-batched"))
+        if t and b and t["throughput_rps"]:
+            ratios.setdefault(model, {}).update({
+                "batched_vs_tenfold": b["throughput_rps"] / t["throughput_rps"],
+                "batched_vs_tenfold_by_round": [x / y for x, y in zip(b["rounds_rps"], t["rounds_rps"]) if y]})
     return ratios
 
 
@@ -329,14 +338,14 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     models = [m for m in args.models.split(",") if m]
-    cost_models = [m for m in (args.cost_models or args.models).split(",") if m]
+    cost_models = [] if args.cost_models == "none" else [m for m in (args.cost_models or args.models).split(",") if m]
     setups = [s for s in args.setups.split(",") if s]
     unknown = [s for s in setups if s not in SETUPS]
     if unknown:
         print(f"tenfold bench serve: unknown set-up(s) {unknown}; choose from {', '.join(SETUPS)}")
         return 2
     speed_setups = [s for s in setups if s != "plain-private"]
-    cost_setups = [s for s in setups if s != "threads"]
+    cost_setups = [s for s in setups if s not in ("threads", "tenfold-batched")]
     archives = {m: common.example_archive(m) for m in dict.fromkeys(models + cost_models)}
     port = common.free_port()
     cost_rows: list[dict[str, Any]] = []
@@ -401,9 +410,14 @@ def tables(report: dict[str, Any]) -> str:
         lines += ["", common.markdown_table(["model", "set-up (2 CPUs)", "req/s", "p50 ms", "p99 ms",
                                              "replica CPU ms/req", "proxy CPU ms/req", "errors"], rows, numeric_from=2)]
         for model, q in report["speed"]["ratios"].items():
-            by_round = ", ".join(f"{x:.2f}" for x in q["throughput_vs_plain_by_round"])
-            lines.append(f"{model}: tenfold/plain-mmap throughput {q['throughput_vs_plain']:.2f}x (by round: "
-                         f"{by_round}), p99 {q['p99_vs_plain']:.2f}x")
+            if "throughput_vs_plain" in q:
+                by_round = ", ".join(f"{x:.2f}" for x in q["throughput_vs_plain_by_round"])
+                lines.append(f"{model}: tenfold/plain-mmap throughput {q['throughput_vs_plain']:.2f}x (by round: "
+                             f"{by_round}), p99 {q['p99_vs_plain']:.2f}x")
+            if "batched_vs_tenfold" in q:
+                by_round = ", ".join(f"{x:.2f}" for x in q["batched_vs_tenfold_by_round"])
+                lines.append(f"{model}: tenfold with max_batch_size {BATCH} / without: throughput "
+                             f"{q['batched_vs_tenfold']:.2f}x (by round: {by_round})")
     return "\n".join(lines)
 
 
@@ -434,14 +448,18 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     ax = axes[2]
     models = list(dict.fromkeys(r["model"] for r in speed))
     for j, model in enumerate(models):
-        per_round = report["speed"]["ratios"].get(model, {}).get("throughput_vs_plain_by_round", [])
-        ax.plot([j] * len(per_round), per_round, "o", alpha=0.6)
-        if model in report["speed"]["ratios"]:
-            ax.plot([j - 0.2, j + 0.2], [report["speed"]["ratios"][model]["throughput_vs_plain"]] * 2, "k-", lw=2)
+        q = report["speed"]["ratios"].get(model, {})
+        for key, marker, label in (("throughput_vs_plain", "o", "tenfold / plain-mmap"),
+                                   ("batched_vs_tenfold", "s", f"max_batch_size {BATCH} / none")):
+            if key in q:
+                per_round = q[f"{key}_by_round"]
+                ax.plot([j] * len(per_round), per_round, marker, alpha=0.6, label=label if j == 0 else None)
+                ax.plot([j - 0.2, j + 0.2], [q[key]] * 2, "k-", lw=2)
     ax.axhline(1.0, color="grey", ls="--", lw=1)
     ax.set_xticks(range(len(models)), models, fontsize=8)
     ax.set_xlim(-0.5, max(len(models), 1) - 0.5)
-    ax.set_title("throughput, tenfold / plain-mmap at 2 CPUs\n(dots: rounds, bar: all rounds)")
+    ax.legend(fontsize=8)
+    ax.set_title("throughput ratios at 2 CPUs\n(dots: rounds, bar: all rounds)")
     fig.suptitle(f"tenfold bench serve, {report['when']}: 1 replica x N interpreters vs N plain replicas")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
