@@ -199,9 +199,11 @@ def test_a_call_stuck_in_native_code_loses_its_interpreter_and_the_replica_is_re
 
 
 def test_with_every_interpreter_lost_a_request_is_a_503_with_retry_after(serve_session, archives) -> None:
-    # Health checks far apart: the replica stays, without an interpreter, for the requests below.
+    # Health checks far apart, and no replacement (which would race the requests below, putting an interpreter
+    # back in about two seconds): the replica stays, without an interpreter, for the requests below.
     args = {"archive": str(archives["native_sleep"]), "interpreters": 1, "request_timeout_s": TIMEOUT_S,
-            "interrupt_grace_s": 0.5, "health_check_period_s": 120.0, "health_check_timeout_s": 60.0}
+            "interrupt_grace_s": 0.5, "health_check_period_s": 120.0, "health_check_timeout_s": 60.0,
+            "replace_lost_interpreters": False}
     with deployed(serve_session, "lost", args) as url:
         pid = stats(url)["pid"]
         assert post(url, [[models.SLEEP, 8.0, 0, 0]]).status_code == 504  # bounded: the sleep ends by itself
