@@ -247,7 +247,8 @@ class TenfoldModel:
                 with contextlib.suppress(InterpreterLost):
                     futures[i.index] = self._pool.submit_to(i.index, release_free_heap)
         for index, future in futures.items():
-            self._heaps[index] = future.result()
+            with contextlib.suppress(InterpreterLost):  # lost meanwhile: the next check counts it
+                self._heaps[index] = future.result()
         release_free_heap()
 
     def _recycle_reason(self, stats: PoolStats) -> str | None:
@@ -365,8 +366,9 @@ class TenfoldModel:
             _values.validate(spec.json_schema, items, f"input 0 ({spec.name!r})", spec.type)
         except ValueError as exc:
             raise codec.InvalidInput(str(exc)) from None
+        assert self._batched is not None  # only called with batching on
         # A batch is shared by several requests: one caller's deadline cannot stop it.
-        result = await self._outcome(asyncio.ensure_future(self._batched(list(items))), None)  # type: ignore[misc]
+        result = await self._outcome(asyncio.ensure_future(self._batched(list(items))), None)
         if isinstance(result, _Failed):
             raise result.error
         return result
