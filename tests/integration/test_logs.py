@@ -121,6 +121,8 @@ def test_a_cancelled_call_and_a_client_gone_mid_request_leave_no_noise(apps: dic
 
     calls = stats()["calls"]
     slow = app.handle.remote(torch.tensor([[SLEEP, 2.0, 0, 0]]), torch.tensor([1]))
+    # In the interpreter before the next is sent: two handle calls may reach the replica in either order.
+    wait_for(lambda: stats()["queue_depth"] >= 1, 30, "the slow call to reach the interpreter", interval_s=0.05)
     doomed = app.handle.remote(torch.tensor([[RAISE, 0, 0, 0]]), torch.tensor([1]))  # queued behind it
     wait_for(lambda: stats()["queue_depth"] == 2, 30, "both calls to reach the interpreter", interval_s=0.05)
     doomed.cancel()  # its call still fails in the interpreter, after its caller has gone
