@@ -253,8 +253,7 @@ class ChangeWatch:
             logger.warning("the archive %s changed and cannot be read (%s); this replica serves the deployed "
                            "version", self._locator.describe(), exc)
             return
-        message = None if actual == self._locator.sha256 else (
-            f"{self._locator.source.describe()}: {changed_message(self._locator, actual)}")
+        message = None if actual == self._locator.sha256 else str(ArchiveChanged(self._locator, actual))
         if message is not None and message != self.message:
             logger.warning("%s", message)
         self.message = message
