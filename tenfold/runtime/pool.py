@@ -70,6 +70,7 @@ class _Slot:
         self.queue: collections.deque[_WorkItem] = collections.deque()
         self.running = False
         self.current: tuple[Future, int] | None = None  # the running call's future and call id
+        self.interrupting = False  # its running call is being interrupted: it takes no new call meanwhile
         self.calls = 0
         self.errors = 0
         self.lost = False
@@ -210,6 +211,8 @@ class InterpreterPool(Executor):
             live = [s for s in self._slots if not s.lost]
             if not live:
                 raise BrokenInterpreterPool("every interpreter of this pool was lost")
+            # A call being interrupted may hold its interpreter for the whole grace period: queue elsewhere.
+            live = [s for s in live if not s.interrupting] or live
             start = self._next = (self._next + 1) % len(live)
             slot = min(live[start:] + live[:start], key=lambda s: s.pending)
             return self._enqueue(slot, fn, args, kwargs)
@@ -292,8 +295,20 @@ class InterpreterPool(Executor):
         if found is None:
             return future.done()
         slot, call_id = found
-        slot.interpreter.interrupt(call_id)
-        done = _wait_done(future, grace_s)
+        with self._lock:
+            # What waits behind the interrupted call need not wait out its grace period: it moves to the others.
+            slot.interrupting = True
+            others = [s for s in self._slots if not s.lost and not s.interrupting]
+            if others:
+                waiting = [item for item in slot.queue if not item.taken]
+                for item in waiting:
+                    slot.queue.remove(item)
+                self._move(waiting, others)
+        try:
+            slot.interpreter.interrupt(call_id)
+            done = _wait_done(future, grace_s)
+        finally:
+            slot.interrupting = False
         if done:
             return True
         self._lose(slot, future, f"interpreter {slot.index} did not return within {grace_s} s of an interrupt")
@@ -304,20 +319,24 @@ class InterpreterPool(Executor):
             slot.lost = True
             moved = list(slot.queue)
             slot.queue.clear()
-            live = [s for s in self._slots if not s.lost]
-            for item in moved:
-                if live:
-                    target = min(live, key=lambda s: s.pending)
-                    target.queue.append(item)
-                    target.interpreter.post(functools.partial(self._run_next, target, target.interpreter))
-                else:
-                    _fail(item.future, BrokenInterpreterPool("every interpreter of this pool was lost"))
+            self._move(moved, [s for s in self._slots if not s.lost])
             replace = self._replace_lost and not self._shutdown
         if future is not None:
             _fail(future, InterpreterLost(reason))
         if replace:
             threading.Thread(target=self._replace, args=(slot,), name=f"tenfold-replace-{slot.index}",
                              daemon=True).start()
+
+    def _move(self, items: list[_WorkItem], targets: list[_Slot]) -> None:
+        """Queue `items` (taken off another interpreter's queue) on the shortest of `targets`' queues; with no
+        target, they fail. Called with the lock held."""
+        for item in items:
+            if targets:
+                target = min(targets, key=lambda s: s.pending)
+                target.queue.append(item)
+                target.interpreter.post(functools.partial(self._run_next, target, target.interpreter))
+            else:
+                _fail(item.future, BrokenInterpreterPool("every interpreter of this pool was lost"))
 
     def _replace(self, slot: _Slot) -> None:
         """Start an interpreter in the place of `slot`'s lost one, set it up, and put it in service; where the

@@ -463,6 +463,31 @@ def test_calls_queued_on_a_lost_interpreter_complete_on_the_others():
                 os.close(fd)
 
 
+def test_calls_waiting_behind_an_interrupted_call_move_to_the_others_without_waiting_out_its_grace():
+    stuck_r, stuck_w = os.pipe()
+    with InterpreterPool(2, backend="namespaces") as p:
+        try:
+            start = [i.calls for i in p.stats().interpreters]
+            stuck = p.submit_to(0, funcs.read_byte, stuck_r)  # blocked in native code until a byte comes
+            wait_for(stuck.running, 30, "the blocking call to start")
+            behind = [p.submit_to(0, funcs.echo, i) for i in range(3)]
+            outcome: list[bool] = []
+            interrupting = threading.Thread(target=lambda: outcome.append(p.interrupt(stuck, grace_s=10.0)))
+            interrupting.start()
+            # Answered by the other interpreter while the first still waits for its call to return.
+            assert [f.result(timeout=5) for f in behind] == [0, 1, 2]
+            assert [p.submit(funcs.echo, i).result(timeout=5) for i in range(3, 6)] == [3, 4, 5]
+            assert interrupting.is_alive()
+            assert [i.calls - n for i, n in zip(p.stats().interpreters, start)] == [0, 6]
+            os.write(stuck_w, b"x")  # the call returns within its grace: its interpreter is kept, and serves again
+            interrupting.join(timeout=10)
+            assert outcome == [True] and stuck.done() and p.healthy == 2
+            assert p.submit_to(0, funcs.echo, 6).result(timeout=5) == 6
+        finally:
+            for fd in (stuck_r, stuck_w):
+                os.close(fd)
+
+
 
 def test_stats_report_busy_time_queue_depth_and_utilization():
     with InterpreterPool(2, backend="namespaces", utilization_window_s=2.0) as p:
