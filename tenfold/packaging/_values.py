@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -54,17 +56,18 @@ def _merge(items: list[tuple[str, dict[str, Any]]]) -> tuple[str, dict[str, Any]
     return " | ".join(t for t, _ in unique), {"anyOf": [s for _, s in unique]}
 
 
-_validators: dict[int, tuple[dict[str, Any], Any]] = {}
-
-
 def _validator(schema: dict[str, Any]) -> Any:
-    """The validator of `schema`, made once (`jsonschema.validate` checks the schema itself on every call)."""
-    entry = _validators.get(id(schema))
-    if entry is None or entry[0] is not schema:  # the schema object is kept with it: its id is not reused
-        import jsonschema
+    """The validator of `schema`, made once per distinct schema (`jsonschema.validate` checks the schema itself on
+    every call). Keyed by the schema's text: each call that crosses into an interpreter brings its own copy of
+    the same schema, and keying by object kept one validator per request."""
+    return _validator_of(json.dumps(schema, sort_keys=True))
 
-        entry = _validators[id(schema)] = (schema, jsonschema.Draft202012Validator(schema))
-    return entry[1]
+
+@functools.lru_cache(maxsize=256)
+def _validator_of(text: str) -> Any:
+    import jsonschema
+
+    return jsonschema.Draft202012Validator(json.loads(text))
 
 
 def validate(schema: dict[str, Any], value: Any, where: str, expected: str) -> None:

@@ -150,6 +150,26 @@ def test_replicated_values_are_validated_in_the_interpreter_and_equal_the_host(p
         assert model(TEXTS, "sum") == Keywords()(TEXTS, "sum")  # and it serves on
 
 
+def test_validating_a_copy_of_the_same_schema_at_every_call_keeps_nothing_per_call() -> None:
+    import copy
+    import gc
+
+    from tenfold.packaging import _values
+
+    # Each call that crosses into an interpreter brings its own copy of the input's schema.
+    schema = {"type": "array", "items": {"type": "string"}}
+    for _ in range(50):
+        _values.validate(copy.deepcopy(schema), TEXTS, "input 0 ('texts')", "list[str]")
+    gc.collect()
+    before = sys.getallocatedblocks()
+    for _ in range(500):
+        _values.validate(copy.deepcopy(schema), TEXTS, "input 0 ('texts')", "list[str]")
+    gc.collect()
+    assert sys.getallocatedblocks() - before < 200  # a validator kept per call held about 20 blocks each
+    with pytest.raises(ValueError, match=r"input 0 \('texts'\) must be list\[str\]"):
+        _values.validate(copy.deepcopy(schema), [1], "input 0 ('texts')", "list[str]")
+
+
 def test_an_archive_of_python_values_loads_where_its_source_is_not_on_sys_path(keywords_archive: Path,
                                                                               tmp_path: Path) -> None:
     env = {k: v for k, v in subprocess_env().items() if k != "PYTHONPATH"}
