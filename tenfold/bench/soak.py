@@ -4,8 +4,12 @@ A fixed number of clients (each with one request outstanding: see `common.closed
 calls in total, alternating JSON and Arrow bodies, and check every answer against a reference answer
 taken before the run. Every `sample_every` completed requests the run records p50/p99 latency of that
 window and the replica's resident memory (RSS, read from /proc: the replica runs on this machine).
-A leak shows as growth per request: after the warm-up, RSS must grow by less than
-`MAX_GROWTH_PER_REQUEST` bytes per request served, and no request may fail.
+A leak shows as growth per request, fitted (least squares) over the samples after the warm-up, of what the
+interpreters hold between calls: the bytes their mallocs have in use and the blocks their Pythons have
+allocated, both measured by each health check (`/-/stats`, run with a short health-check period). The host's
+malloc and the process's RSS are fitted and bounded too, more loosely: the host is measured while requests
+pass through it, and RSS also counts what the allocators keep free, so that a small leak first fills that
+free memory and shows in RSS only later. No request may fail.
 """
 
 from __future__ import annotations
@@ -18,9 +22,14 @@ from typing import Any
 
 from . import common
 
-#: Bytes of RSS growth per request served after the warm-up that count as a leak. A call keeping its
-#: arguments or result alive costs several KiB; allocator noise over 10,000 requests stays far below.
-MAX_GROWTH_PER_REQUEST = 1024
+#: Growth per request served after the warm-up that counts as a leak: of the bytes the interpreters' mallocs have
+#: in use, and of the memory blocks their Pythons hold (a leaked object of any size is at least one).
+MAX_HEAP_GROWTH_PER_REQUEST = 512
+MAX_BLOCKS_PER_REQUEST = 0.5
+#: The host's heap and RSS, looser: the host is measured with requests in flight, and RSS moves by MiBs with
+#: allocator noise (a new arena, pages of shared libraries touched late).
+MAX_HOST_HEAP_GROWTH_PER_REQUEST = 4096
+MAX_RSS_GROWTH_PER_REQUEST = 4096
 
 @dataclass(frozen=True)
 class Sample:
@@ -33,6 +42,9 @@ class Sample:
     p99_ms: float
     errors: int
     requests_per_s: float
+    heap_bytes: int = 0  # the interpreters' mallocs' bytes in use, at the replica's last health check
+    python_blocks: int = 0  # the interpreters' Python memory blocks, then
+    host_heap_bytes: int = 0  # the host's malloc's bytes in use, then
 
 
 @dataclass
@@ -51,23 +63,61 @@ class SoakReport:
     samples: list[Sample] = field(default_factory=list)
     error_examples: list[str] = field(default_factory=list)
 
+    def _after_warmup(self) -> list[Sample]:
+        return [s for s in self.samples if s.requests >= self.warmup_requests]
+
     @property
     def baseline_rss_bytes(self) -> int:
         """RSS at the first sample taken once the warm-up requests are done."""
-        after = [s for s in self.samples if s.requests >= self.warmup_requests]
+        after = self._after_warmup()
         return after[0].rss_bytes if after else 0
+
+    def _slope(self, figure: str) -> float:
+        """Growth of `figure` per request: the least-squares slope over the samples after the warm-up."""
+        import numpy as np
+
+        after = self._after_warmup()
+        if len(after) < 3:
+            return 0.0
+        n = np.array([s.requests for s in after], dtype=float)
+        return float(np.polyfit(n, np.array([getattr(s, figure) for s in after], dtype=float), 1)[0])
 
     @property
     def growth_per_request(self) -> float:
-        """Bytes of RSS gained per request between the end of the warm-up and the last sample."""
-        after = [s for s in self.samples if s.requests >= self.warmup_requests]
-        if len(after) < 2:
-            return 0.0
-        return (after[-1].rss_bytes - after[0].rss_bytes) / (after[-1].requests - after[0].requests)
+        """Bytes of RSS gained per request after the warm-up (fitted)."""
+        return self._slope("rss_bytes")
+
+    @property
+    def heap_growth_per_request(self) -> float:
+        """Bytes the interpreters' mallocs gained in use per request after the warm-up (fitted)."""
+        return self._slope("heap_bytes")
+
+    @property
+    def host_heap_growth_per_request(self) -> float:
+        """Bytes the host's malloc gained in use per request after the warm-up (fitted)."""
+        return self._slope("host_heap_bytes")
+
+    @property
+    def blocks_per_request(self) -> float:
+        """Python memory blocks the interpreters gained per request after the warm-up (fitted)."""
+        return self._slope("python_blocks")
+
+    @property
+    def verdicts(self) -> dict[str, bool]:
+        """Each bar, and whether the run met it."""
+        return {
+            "no errors": self.errors == 0,
+            f"heap < {MAX_HEAP_GROWTH_PER_REQUEST} B/request":
+                self.heap_growth_per_request < MAX_HEAP_GROWTH_PER_REQUEST,
+            f"Python blocks < {MAX_BLOCKS_PER_REQUEST}/request": self.blocks_per_request < MAX_BLOCKS_PER_REQUEST,
+            f"host heap < {MAX_HOST_HEAP_GROWTH_PER_REQUEST} B/request":
+                self.host_heap_growth_per_request < MAX_HOST_HEAP_GROWTH_PER_REQUEST,
+            f"RSS < {MAX_RSS_GROWTH_PER_REQUEST} B/request": self.growth_per_request < MAX_RSS_GROWTH_PER_REQUEST,
+        }
 
     @property
     def ok(self) -> bool:
-        return self.errors == 0 and self.growth_per_request < MAX_GROWTH_PER_REQUEST
+        return all(self.verdicts.values())
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -75,6 +125,10 @@ class SoakReport:
             "samples": [asdict(s) for s in self.samples],
             "baseline_rss_bytes": self.baseline_rss_bytes,
             "growth_per_request_bytes": self.growth_per_request,
+            "heap_growth_per_request_bytes": self.heap_growth_per_request,
+            "python_blocks_per_request": self.blocks_per_request,
+            "host_heap_growth_per_request_bytes": self.host_heap_growth_per_request,
+            "verdicts": self.verdicts,
             "ok": self.ok,
         }
 
@@ -82,15 +136,18 @@ class SoakReport:
         lines = [
             f"soak: {self.requests:,} requests to {self.url}, {self.concurrency} concurrent, "
             f"{self.duration_s:.1f} s ({self.requests / max(self.duration_s, 1e-9):,.0f} req/s)",
-            f"{'requests':>10}{'elapsed s':>11}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}{'RSS MiB':>10}",
+            f"{'requests':>10}{'elapsed s':>11}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}{'RSS MiB':>10}"
+            f"{'heap MiB':>10}{'py blocks':>11}{'host MiB':>10}",
         ]
         lines += [_row(s) for s in self.samples]
         lines.append(
-            f"errors {self.errors}; p50 {self.p50_ms:.2f} ms, p99 {self.p99_ms:.2f} ms; RSS after warm-up "
-            f"({self.warmup_requests:,} requests) {self.baseline_rss_bytes / 2**20:.1f} MiB, then "
-            f"{self.growth_per_request:+.0f} bytes per request (bar < {MAX_GROWTH_PER_REQUEST}): "
-            f"{'OK' if self.ok else 'FAILED'}"
+            f"errors {self.errors}; p50 {self.p50_ms:.2f} ms, p99 {self.p99_ms:.2f} ms; after the warm-up "
+            f"({self.warmup_requests:,} requests), per request: interpreters' heap {self.heap_growth_per_request:+.0f} "
+            f"bytes and Python blocks {self.blocks_per_request:+.3f}, host heap "
+            f"{self.host_heap_growth_per_request:+.0f} bytes, RSS {self.growth_per_request:+.0f} bytes (from "
+            f"{self.baseline_rss_bytes / 2**20:.1f} MiB): {'OK' if self.ok else 'FAILED'}"
         )
+        lines += [f"  FAILED: {bar}" for bar, met in self.verdicts.items() if not met]
         lines += [f"  error: {e}" for e in self.error_examples]
         return "\n".join(lines)
 
@@ -120,7 +177,8 @@ class SoakReport:
 
 def _row(s: Sample) -> str:
     return (f"{s.requests:>10,}{s.elapsed_s:>11.1f}{s.requests_per_s:>9,.0f}{s.p50_ms:>9.2f}{s.p99_ms:>9.2f}"
-            f"{s.errors:>8}{s.rss_bytes / 2**20:>10.1f}")
+            f"{s.errors:>8}{s.rss_bytes / 2**20:>10.1f}{s.heap_bytes / 2**20:>10.2f}{s.python_blocks:>11,}"
+            f"{s.host_heap_bytes / 2**20:>10.2f}")
 
 
 def replica_pid(url: str) -> int:
@@ -130,6 +188,18 @@ def replica_pid(url: str) -> int:
     r = requests.get(f"{url.rstrip('/')}/-/stats", timeout=30)
     r.raise_for_status()
     return int(r.json()["pid"])
+
+
+def replica_memory(url: str) -> tuple[int, int, int]:
+    """(interpreters' heap bytes in use, their Python blocks, the host's heap bytes) of the replica answering
+    `url`, as its last health check measured them (`GET /-/stats`); zeros before its first."""
+    import requests
+
+    r = requests.get(f"{url.rstrip('/')}/-/stats", timeout=30)
+    r.raise_for_status()
+    memory = r.json().get("memory_in_use") or {}
+    return (int(memory.get("interpreter_heap_bytes", 0)), int(memory.get("interpreter_python_blocks", 0)),
+            int(memory.get("host", {}).get("heap_bytes", 0)))
 
 
 def bodies_for(inputs: Sequence[Any], names: Sequence[str]) -> list[common.Body]:
@@ -168,13 +238,15 @@ def run_soak(
     concurrency: int,
     sample_every: int,
     rss: Callable[[], int],
+    memory: Callable[[], tuple[int, int, int]] | None = None,
     warmup_requests: int | None = None,
     timeout_s: float = 60.0,
     on_sample: Callable[[Sample], Any] | None = None,
 ) -> SoakReport:
     """Send `requests` POSTs to `url` from `concurrency` clients, cycling `bodies`; sample every
-    `sample_every` completed requests (`rss()` is read then). The warm-up (default: the first window)
-    ends the RSS baseline. `on_sample` is called with each sample as it is taken (progress)."""
+    `sample_every` completed requests (`rss()` and `memory()`, as `replica_memory` gives it, are read then).
+    The warm-up (default: the first window) ends before the fits begin. `on_sample` is called with each sample
+    as it is taken (progress)."""
     import time
 
     import numpy as np
@@ -193,8 +265,10 @@ def run_soak(
             return
         ms = np.array([o.seconds for o in window]) * 1000.0
         now = time.perf_counter()
+        heap, blocks, host_heap = memory() if memory is not None else (0, 0, 0)
         samples.append(Sample(
-            requests=done, elapsed_s=now - t0, rss_bytes=rss(),
+            requests=done, elapsed_s=now - t0, rss_bytes=rss(), heap_bytes=heap, python_blocks=blocks,
+            host_heap_bytes=host_heap,
             p50_ms=float(np.percentile(ms, 50)), p99_ms=float(np.percentile(ms, 99)),
             errors=sum(o.error is not None for o in window), requests_per_s=(done - last[1]) / max(now - last[0], 1e-9),
         ))
@@ -222,7 +296,9 @@ def run(args: argparse.Namespace) -> int:
 
     archive = common.example_archive(args.model)
     with common.local_serve(max(2, args.interpreters), port=args.port) as base:
-        app = app_builder({"archive": str(archive), "name": "soak", "interpreters": args.interpreters})
+        # Health checks measure what the replica holds between calls: once a second, for many samples.
+        app = app_builder({"archive": str(archive), "name": "soak", "interpreters": args.interpreters,
+                           "health_check_period_s": 1.0})
         serve.run(app, name="soak", route_prefix="/soak")
         url = f"{base}/soak"
         pid = replica_pid(url)
@@ -233,7 +309,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"soak: {args.requests:,} requests, {args.concurrency} clients, replica pid {pid}", flush=True)
         report = run_soak(url, bodies, requests=args.requests, concurrency=args.concurrency,
                           sample_every=args.sample_every, warmup_requests=args.warmup,
-                          rss=lambda: common.rss_bytes(pid), on_sample=lambda s: print(_row(s), flush=True))
+                          rss=lambda: common.rss_bytes(pid), memory=lambda: replica_memory(url),
+                          on_sample=lambda s: print(_row(s), flush=True))
     print(report.table())
     json_path, png_path = common.write_report(args.out, "soak", report.as_dict(), report.plot)
     print(f"wrote {json_path} and {png_path}")

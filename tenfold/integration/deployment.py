@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -28,9 +29,10 @@ from tenfold.packaging import ValueSpec, _values
 from tenfold.runtime import (
     InterpreterLost,
     InterpreterPool,
+    MemoryInUse,
     PoolStats,
     bound_free_heap,
-    release_free_heap,
+    release_and_measure,
     remote_traceback,
 )
 
@@ -113,6 +115,7 @@ class TenfoldModel:
             )(self._run_value_batch if self._batches_values else self._run_batch)
         self._ping: asyncio.Future | None = None
         self._heaps: dict[int, int] = {}  # each interpreter's heap in use at the last ping
+        self._memory: dict[str, Any] = {}  # what the last ping measured (see _memory_body)
         self._losses: dict[int, int] = {}  # losses counted per place
         self._lost_bytes = 0
         self._recycling: str | None = None
@@ -170,6 +173,9 @@ class TenfoldModel:
 
     def _stats_body(self) -> dict[str, Any]:
         body = {**self._pool_stats().as_dict(), "pid": os.getpid()}
+        if self._memory:
+            # Measured at the last health check, between calls: what a soak judges leaks by.
+            body["memory_in_use"] = self._memory
         if (changed := self._archive_watch.message) is not None:
             body["warnings"] = [changed]
         return body
@@ -245,11 +251,20 @@ class TenfoldModel:
         for i in self._pool.stats().interpreters:
             if not i.lost:
                 with contextlib.suppress(InterpreterLost):
-                    futures[i.index] = self._pool.submit_to(i.index, release_free_heap)
+                    futures[i.index] = self._pool.submit_to(i.index, release_and_measure)
+        measured: dict[int, MemoryInUse] = {}
         for index, future in futures.items():
             with contextlib.suppress(InterpreterLost):  # lost meanwhile: the next check counts it
-                self._heaps[index] = future.result()
-        release_free_heap()
+                measured[index] = future.result()
+                self._heaps[index] = measured[index].heap_bytes
+        host = release_and_measure()
+        self._memory = {
+            "measured_at": time.time(),
+            "host": dataclasses.asdict(host),
+            "interpreters": {str(i): dataclasses.asdict(m) for i, m in measured.items()},
+            "interpreter_heap_bytes": sum(m.heap_bytes for m in measured.values()),
+            "interpreter_python_blocks": sum(m.python_blocks for m in measured.values()),
+        }
 
     def _recycle_reason(self, stats: PoolStats) -> str | None:
         """Why this replica should be replaced by a fresh process, if it should: a lost interpreter it cannot

@@ -14,7 +14,7 @@ from .errors import (
     remote_traceback,
 )
 from .pool import InterpreterPool, interpreters_alive, interpreters_parked, usable_cores
-from .stats import InterpreterStats, PoolStats
+from .stats import InterpreterStats, MemoryInUse, PoolStats, release_and_measure
 
 __all__ = [
     "GLIBC_TUNABLES",
@@ -24,6 +24,7 @@ __all__ = [
     "InterpreterStartError",
     "InterpreterStats",
     "MAX_INTERPRETERS",
+    "MemoryInUse",
     "PlatformNotSupported",
     "PoolStats",
     "RemoteError",
@@ -33,6 +34,7 @@ __all__ = [
     "interpreters_alive",
     "interpreters_parked",
     "raise_in_thread",
+    "release_and_measure",
     "release_free_heap",
     "remote_traceback",
     "static_tls_ready",

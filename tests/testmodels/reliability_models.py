@@ -1,6 +1,7 @@
 """Models the reliability tests package with tenfold.packaging.save (this module's source goes into the
 archive). Each serves `Healthy`'s answer unless its first value is its trigger, which makes it fail in
-one way: a pure-Python loop that never ends, a sleep in native code, or a segfault of its process."""
+one way: a pure-Python loop that never ends, a sleep in native code, or a segfault of its process; `Leaky`
+always answers, and keeps 1 KiB at every call."""
 
 from __future__ import annotations
 
@@ -55,6 +56,19 @@ class Crash(Healthy):
             ctypes.string_at(0)  # SIGSEGV in native code: the whole replica process dies
         if self.trigger(x) == SLEEP:
             time.sleep(float(x[0, 1]))
+        return self.linear(x)
+
+
+#: What Leaky keeps for good, one entry per call (in each interpreter, its own), and its size.
+_KEPT: list[bytes] = []
+LEAK_BYTES = 1024
+
+
+class Leaky(Healthy):
+    """Healthy's answer, keeping 1 KiB for good at every call: the leak a soak must catch."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _KEPT.append(b"\x01" * LEAK_BYTES)  # a new object each call (a literal size would make it one constant)
         return self.linear(x)
 
 
