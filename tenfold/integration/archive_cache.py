@@ -1,16 +1,18 @@
 """Where a replica gets its archive's bytes, shared by every replica of a node, with no process kept for it.
 
-- A local file (a path every node can read) is mapped read-only: the page cache holds one copy per node,
-  whatever the number of replicas and interpreters mapping it. A replica starts only if the file still has
-  the digest bound at deploy (`ArchiveChanged` otherwise); one that runs while the path is packaged again
+- A local file is mapped read-only where the replica's node can read it: the page cache holds one copy per
+  node, whatever the number of replicas and interpreters mapping it. A replica starts only if the file still
+  has the digest bound at deploy (`ArchiveChanged` otherwise); one that runs while the path is packaged again
   keeps serving its mapping of the deployed version and says so (`ChangeWatch`).
-- A remote archive (s3://, http(s)://) goes through the Ray object store, used as a cache: the first
-  replica of a node that needs it fetches it from its source, verifies its digest, puts it in the object
-  store and publishes the reference in Ray's key-value store; the other replicas (of this node, or of
-  nodes that have none yet) map that one object, zero copy. The object belongs to the replica that put
-  it, so it goes when that replica goes: deleting or redeploying an application releases its archives,
-  and an object lost with its replica or node is fetched again from the source by the next replica
-  that needs it.
+- A local file on a node that cannot read its path (another machine), and a remote archive (s3://,
+  http(s)://), go through the Ray object store, used as a cache: the first replica of a node that needs it
+  takes it from its source, verifies its digest, puts it in the object store and publishes the reference in
+  Ray's key-value store; the other replicas (of this node, or of nodes that have none yet) map that one
+  object, zero copy. A remote archive's source is its URI; a local file's is the node that deployed it,
+  where a task of the replica reads it (so the path must stay readable there, and that node need host no
+  replica). The object belongs to the replica that put it, so it goes when that replica goes: deleting or
+  redeploying an application releases its archives, and an object lost with its replica or node is taken
+  again from the source by the next replica that needs it.
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ class ArchiveLocator:
     #: A local file as the builder verified it (size, mtime_ns, inode, device): a replica that finds it so
     #: maps it without hashing it again.
     stamp: tuple[int, int, int, int] | None = None
+    #: The Ray node the builder read a local file on, where replicas of nodes that cannot read the path have
+    #: it read for them (None when the application was built before Ray started: then the head node).
+    node_id: str | None = None
 
     def describe(self) -> str:
         return f"{self.source.describe()} (sha256 {self.sha256[:12]}...)"
@@ -87,7 +92,9 @@ class Resolved:
     """An archive's bytes as a replica holds them while it serves."""
 
     buffer: Any  # a read-only memoryview (a mapped file, or a fetched archive) or a numpy view of an object
-    origin: str  # "file", "object store", or "source" (fetched and put in the object store by this replica)
+    #: "file", "object store" (another replica's copy), or where this replica took it from before putting it in the
+    #: object store: "source" (a remote archive's URI) or "deploying node" (a local file read there)
+    origin: str
     owned: Any = None  # [ObjectRef] this replica put and published (released when the replica goes)
     key: str | None = None  # where it is published in the key-value store
     published: bytes | None = None  # what was published there
@@ -103,17 +110,9 @@ def resolve(locator: ArchiveLocator, *, timeout_s: float = 60.0) -> Resolved:
     the source) when no replica holds it and the source cannot give it; PinMismatch when the source
     gives other bytes than the digest bound at deploy time."""
     if locator.source.is_local:
-        stamp = file_stamp(locator.source.location)
-        if locator.stamp is not None and stamp == locator.stamp:
-            from tenfold.packaging import open_source
-
-            # Verified at deploy and unchanged.
-            return Resolved(open_source(locator.source.location)[0], "file", stamp=stamp)
-        view, actual = fetch_with_digest(locator.source, sha256=None, timeout_s=timeout_s)
-        if actual != locator.sha256:
-            del view
-            raise ArchiveChanged(locator, actual)
-        return Resolved(view, "file", stamp=stamp)
+        mapped = _map_file(locator, timeout_s)
+        if mapped is not None:
+            return mapped
     import ray
     from ray.experimental import internal_kv
 
@@ -132,21 +131,119 @@ def resolve(locator: ArchiveLocator, *, timeout_s: float = 60.0) -> Resolved:
                            locator.describe(), CLAIM_WAIT_S)
             break
         time.sleep(0.25)
+    started = time.perf_counter()
     try:
-        view = fetch(locator.source, sha256=locator.sha256, timeout_s=timeout_s)
+        if locator.source.is_local:
+            view, origin = _read_on_deploying_node(locator, timeout_s), "deploying node"
+        else:
+            view, origin = fetch(locator.source, sha256=locator.sha256, timeout_s=timeout_s), "source"
     except BaseException:
         _unpublish(key, b"")
         raise
     import numpy as np
 
     ref = ray.put(np.frombuffer(view, dtype=np.uint8))
-    del view
+    del view  # a local file's copy pulled from the deploying node goes now: this node keeps its own
     # Pickling a reference pins its object for the life of this process, which owns it anyway.
     published = ray.cloudpickle.dumps({"owner": _this_actor(), "refs": [ref]})
     internal_kv._internal_kv_put(key, published, overwrite=True, namespace=KV_NAMESPACE)
     buffer = ray.get(ref)
-    logger.info("archive %s fetched from its source into the object store", locator.describe())
-    return Resolved(buffer, "source", owned=[ref], key=key, published=published)
+    logger.info("archive %s taken from %s into this node's object store in %.2f s", locator.describe(),
+                "the node that deployed it" if origin == "deploying node" else "its source",
+                time.perf_counter() - started)
+    return Resolved(buffer, origin, owned=[ref], key=key, published=published)
+
+
+def _map_file(locator: ArchiveLocator, timeout_s: float) -> Resolved | None:
+    """A local archive mapped from this node's file; None where the file is not the deployed one's (missing,
+    or another file at the path) on a node other than the one that deployed it: that node gives it."""
+    path = locator.source.location
+    stamp = file_stamp(path)
+    if locator.stamp is not None and stamp == locator.stamp:
+        from tenfold.packaging import open_source
+
+        # Verified at deploy and unchanged.
+        return Resolved(open_source(path)[0], "file", stamp=stamp)
+    deployer = _deploying_node(locator)
+    elsewhere = deployer is not None and deployer != _this_node()
+    if stamp is None and elsewhere:
+        logger.info("this node cannot read %s; it comes from the node that deployed it (%s) through the object "
+                    "store", locator.describe(), deployer)
+        return None
+    try:
+        view, actual = fetch_with_digest(locator.source, sha256=None, timeout_s=timeout_s)
+    except ArchiveUnavailable:
+        if elsewhere:
+            return None
+        raise
+    if actual != locator.sha256:
+        del view
+        if elsewhere:
+            logger.warning("this node has another file at %s (sha256 %s); the deployed one comes from the node that "
+                           "deployed it (%s) through the object store", path, actual, deployer)
+            return None
+        raise ArchiveChanged(locator, actual)
+    return Resolved(view, "file", stamp=stamp)
+
+
+def _this_node() -> str | None:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
+def _deploying_node(locator: ArchiveLocator) -> str | None:
+    """The node that read a local archive at deploy: the builder's, else the head node (None outside Ray)."""
+    import ray
+
+    if locator.node_id is not None or not ray.is_initialized():
+        return locator.node_id
+    return next((n["NodeID"] for n in ray.nodes() if n.get("Alive") and HEAD_RESOURCE in n.get("Resources", {})),
+                None)
+
+
+HEAD_RESOURCE = "node:__internal_head__"
+
+
+def _read_here(locator: ArchiveLocator) -> Any:
+    """A local archive's bytes, read where this runs (a task on the deploying node), if they have its digest."""
+    import numpy as np
+
+    view, actual = fetch_with_digest(locator.source, sha256=None)
+    if actual != locator.sha256:
+        raise ArchiveChanged(locator, actual)
+    return np.frombuffer(view, dtype=np.uint8)
+
+
+def _read_on_deploying_node(locator: ArchiveLocator, timeout_s: float) -> Any:
+    """A local archive that this node cannot read, read by a task on the node that deployed it and pulled here."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = _deploying_node(locator)
+    here = f"this node ({_this_node()})"
+    fix = ("A local path is read where the application is deployed, and replicas on other nodes get it from there "
+           "through the object store: keep the file on that node, or put the archive where every node can read it "
+           "(a shared filesystem), or serve it from s3:// or http(s)://")
+    alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+    if node is None or node not in alive:
+        raise ArchiveUnavailable(locator.source, f"{here} cannot read the file, and the node that deployed it "
+                                                 f"({node or 'unknown'}) is gone. {fix}")
+    task = ray.remote(num_cpus=0, max_retries=0)(_read_here).options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False), name="tenfold-read-archive")
+    try:
+        return ray.get(task.remote(locator), timeout=max(timeout_s, GET_TIMEOUT_S))
+    except ray.exceptions.RayTaskError as exc:
+        cause = exc.cause
+        if isinstance(cause, PinMismatch):
+            raise cause from None
+        reason = str(cause).removeprefix(f"cannot fetch archive {locator.source.describe()}: ")
+        raise ArchiveUnavailable(locator.source, f"{here} cannot read the file, nor can the node that deployed it "
+                                                 f"({node}): {reason}. {fix}") from None
+    except ray.exceptions.RayError as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+        raise ArchiveUnavailable(locator.source, f"{here} cannot read the file, and the node that deployed it "
+                                                 f"({node}) did not give it: {reason}. {fix}") from None
 
 
 def _published(sha256: str, node: str) -> Resolved | None:

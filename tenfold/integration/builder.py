@@ -64,13 +64,21 @@ def _check_resources(args: AppArgs) -> None:
         )
 
 
+def _this_node() -> str | None:
+    """The Ray node this builds on (where a local archive was just read), if Ray is up."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
 def _deployment_options(args: AppArgs, name: str) -> dict[str, Any]:
     from tenfold.runtime import GLIBC_TUNABLES
 
     env = {**REPLICA_ENV, **args.env_vars, "GLIBC_TUNABLES": GLIBC_TUNABLES}
     options: dict[str, Any] = {
         "name": name,
-        "ray_actor_options": {"num_cpus": args.replica_num_cpus, "runtime_env": {"env_vars": env}},
+        "ray_actor_options": {"num_cpus": args.replica_num_cpus, "runtime_env": {"env_vars": env},
+                              **({"resources": dict(args.resources)} if args.resources else {})},
         "max_ongoing_requests": args.replica_max_ongoing_requests,
         "max_queued_requests": args.max_queued_requests,
         # Requests refused past max_queued_requests: a 503 that tells the caller when to come back.
@@ -106,7 +114,8 @@ def app_builder(args: AppArgs) -> Application:
     with its digest, into the deployment; nothing is put anywhere, and no process is started for it.
 
     Each replica maps a local archive itself (one copy per node, in the page cache) or takes a remote one
-    from the node's object store, where the first replica that needs it puts it (see
+    from the node's object store, where the first replica that needs it puts it; a replica on a node that
+    cannot read a local path gets it that way too, read on the node this builds on (see
     `tenfold.integration.archive_cache`). `args` may be an `AppArgs` or a dict of its fields (as in a
     `serve run` YAML's `args`).
     """
@@ -122,7 +131,7 @@ def app_builder(args: AppArgs) -> Application:
         manifest = archive.verify()
     except (ArchiveUnavailable, PackageError) as exc:  # each names the source
         raise DeployError(f"refusing to deploy: {exc}") from exc
-    locator = ArchiveLocator(source, digest, len(view), stamp)
+    locator = ArchiveLocator(source, digest, len(view), stamp, _this_node() if source.is_local else None)
     del archive, view
     _check_batching(args, manifest)
     _check_resources(args)

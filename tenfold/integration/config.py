@@ -89,6 +89,11 @@ class AppArgs(BaseModel):
     threads_per_interpreter: PositiveInt | None = Field(
         None, description="Intra-op threads per interpreter (default: the replica's cores / interpreters)."
     )
+    resources: dict[str, PositiveFloat] = Field(
+        default_factory=dict, description="Custom Ray resources each replica needs besides its CPUs, as in Serve's "
+        "ray_actor_options.resources: e.g. {\"model-node\": 1} places replicas only on nodes started with "
+        "--resources='{\"model-node\": N}'."
+    )
     num_replicas: PositiveInt = Field(1, description="Fixed replica count (when `autoscaling` is not set).")
     autoscaling: AutoscalingArgs | None = Field(None, description="Scale replicas on interpreter utilization.")
     max_ongoing_requests: PositiveInt | None = Field(

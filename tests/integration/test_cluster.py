@@ -1,13 +1,12 @@
-"""tenfold.integration beyond one driver: a 2-node cluster, `serve run` of a YAML config, and a deployer
-that exits before its replica restarts.
+"""tenfold.integration beyond one driver: `serve run` of a YAML config, and a deployer that exits before its
+replica restarts (nodes that do not share a filesystem: test_real_cluster.py).
 
-The first two need a Ray of their own, so each runs in a subprocess (the session fixture's Ray stays
-untouched); the deployer is a task of the session's Ray whose worker process exits once it is done.
+The first needs a Ray of its own, so it runs in a subprocess (the session fixture's Ray stays untouched); the
+deployer is a task of the session's Ray whose worker process exits once it is done.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -31,22 +30,6 @@ def _expected(x: torch.Tensor, k: torch.Tensor) -> tuple[list, list]:
     with torch.no_grad():
         y, k2 = serve_models.Probe()(x, k)
     return y.tolist(), k2.tolist()
-
-
-def test_a_replica_on_a_second_node_serves_the_same_archive(probe_archive: Path, tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, str(HERE / "two_node_script.py"), str(probe_archive)],
-                          capture_output=True, text=True, timeout=420, env=subprocess_env(), cwd=tmp_path)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    assert done.returncode == 0 and lines, (done.stdout[-2000:], done.stderr[-3000:])
-    found = json.loads(lines[-1])
-    nodes = {r["node_id"] for r in found["replicas"]}
-    assert nodes == {found["head_node"], found["worker_node"]}, found
-    assert all(r["served"] >= 1 for r in found["replicas"]), found  # both served inference, not just loaded
-    x, k = torch.arange(40, dtype=torch.float32).reshape(10, 4), torch.arange(10)
-    want_y, want_k = _expected(x, k)
-    assert found["distinct_outputs"] == 1
-    np.testing.assert_allclose(np.array(found["output"][0]), np.array(want_y), rtol=1e-6)
-    assert found["output"][1] == want_k
 
 
 def test_serve_run_of_a_yaml_config_answers_http(probe_archive: Path, tmp_path: Path) -> None:

@@ -129,6 +129,38 @@ def test_a_replica_that_cannot_get_the_archive_anywhere_fails_naming_the_source(
         serve.delete("gone")
 
 
+def test_a_local_archive_that_neither_this_node_nor_its_deploying_node_can_give_fails_saying_what_to_do(
+        serve_session, tmp_path: Path) -> None:  # noqa: ANN001
+    import ray
+
+    from tenfold.integration import archive_cache
+    from tenfold.integration.sources import ArchiveSource
+
+    missing = ArchiveSource("file", str(tmp_path / "elsewhere.pt"))
+
+    @ray.remote(num_cpus=0)
+    def attempt(deployed_on: str | None, read_there: bool) -> str:
+        node = deployed_on or ray.get_runtime_context().get_node_id()
+        locator = archive_cache.ArchiveLocator(missing, "0" * 64, 1, None, node)
+        try:
+            if read_there:  # as a replica of another node would: the deploying node is asked to read it
+                archive_cache._read_on_deploying_node(locator, 30)
+            else:
+                archive_cache.resolve(locator)
+        except Exception as exc:  # noqa: BLE001 - what a replica would fail with
+            return f"{type(exc).__name__}: {exc}"
+        return "resolved"
+
+    gone = ray.get(attempt.remote("ff" * 28, False))
+    assert gone.startswith(f"ArchiveUnavailable: cannot fetch archive {missing.location}: this node (") and \
+        f"the node that deployed it ({'ff' * 28}) is gone" in gone, gone
+    unreadable = ray.get(attempt.remote(None, True))
+    assert "nor can the node that deployed it" in unreadable and "no such file" in unreadable, unreadable
+    for message in (gone, unreadable):  # what to do
+        assert "keep the file on that node" in message and "shared filesystem" in message and "s3://" in message
+    assert not archive_cache.published_digests()  # a failed claim leaves nothing behind
+
+
 def test_an_archive_packaged_again_at_its_path_is_reported_and_never_served_unpinned(serve_session, store,  # noqa: ANN001
                                                                                      tmp_path: Path) -> None:
     from ray import serve

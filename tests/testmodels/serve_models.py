@@ -43,3 +43,31 @@ def probe() -> Probe:
 
 def example_inputs() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.zeros(2, 4), torch.arange(2)
+
+
+#: Heavy's weight: 16 MiB, enough to tell its copies apart from everything else in an object store.
+HEAVY_ROWS, HEAVY_COLS = 1024, 4096
+
+
+class Heavy(torch.nn.Module):
+    """(x: float32[?, 4]) -> x @ table[:4, :3]: float32[?, 3], with a 16 MiB table drawn from `seed`."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.table = torch.nn.Parameter(torch.randn(HEAVY_ROWS, HEAVY_COLS, generator=g), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.table[:4, :3]
+
+
+def heavy_inputs() -> tuple[torch.Tensor]:
+    return (torch.ones(2, 4),)
+
+
+def heavy1() -> Heavy:
+    return Heavy(1)
+
+
+def heavy2() -> Heavy:
+    return Heavy(2)
