@@ -85,6 +85,7 @@ def _deployment_options(args: AppArgs, name: str) -> dict[str, Any]:
         "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=args.retry_after_s),
         "health_check_period_s": args.health_check_period_s,
         "health_check_timeout_s": args.health_check_timeout_s,
+        "graceful_shutdown_timeout_s": args.graceful_shutdown_timeout_s,
     }
     if args.http_port is not None:
         # A rolling update starts the new replicas before it stops the old ones, so that the port always has a

@@ -138,6 +138,10 @@ class AppArgs(BaseModel):
         30.0, description="A request on http_port whose headers and body have not all arrived after this long is "
         "answered 408 and its connection closed (the interpreter serves other connections meanwhile)."
     )
+    graceful_shutdown_timeout_s: PositiveFloat = Field(
+        20.0, description="How long a stopping replica (a redeploy, a downscale, a failed health check) may take to "
+        "finish the requests it holds before Serve kills it (Serve's own default: 20 s)."
+    )
     http_drain_timeout_s: PositiveFloat = Field(
         10.0, description="When a replica stops, how long its servers on http_port may take to finish the requests "
         "they accepted (they stop accepting at once; the node's other replicas take new connections)."
@@ -172,6 +176,10 @@ class AppArgs(BaseModel):
             raise ValueError(f"require_sha256 is set but no sha256 is pinned for {self.archive!r}")
         if self.autoscaling is not None and "num_replicas" in self.model_fields_set:
             raise ValueError("set either num_replicas or autoscaling, not both")
+        if self.http_port is not None and self.http_drain_timeout_s > self.graceful_shutdown_timeout_s:
+            raise ValueError(f"http_drain_timeout_s ({self.http_drain_timeout_s:g}) must not exceed "
+                             f"graceful_shutdown_timeout_s ({self.graceful_shutdown_timeout_s:g}): Serve would kill "
+                             "the replica before its servers on http_port finish; raise the one or lower the other")
         if "batch_wait_timeout_s" in self.model_fields_set and self.max_batch_size is None:
             raise ValueError("batch_wait_timeout_s needs max_batch_size")
         if self.interpreters is not None and self.interpreters > MAX_INTERPRETERS:

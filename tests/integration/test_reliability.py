@@ -220,9 +220,10 @@ def test_interpreters_stuck_but_not_lost_fail_the_health_check_and_serve_replace
                                                                                              archives) -> None:
     from ray import serve
 
-    # No request timeout: nothing interrupts the calls, so no interpreter is ever marked lost.
+    # No request timeout: nothing interrupts the calls, so no interpreter is ever marked lost. The stuck replica
+    # is killed 2 s after Serve stops it (its calls would never finish).
     args = {"archive": str(archives["native_sleep"]), "interpreters": 2, "request_timeout_s": None,
-            "health_check_period_s": 1.0, "health_check_timeout_s": 10.0}
+            "health_check_period_s": 1.0, "health_check_timeout_s": 10.0, "graceful_shutdown_timeout_s": 2.0}
     with deployed(serve_session, "stuck", args) as url, ThreadPoolExecutor(2) as clients:
         pid = stats(url)["pid"]
         assert_healthy_answer(post(url, X))

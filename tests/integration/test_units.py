@@ -53,6 +53,9 @@ def test_interpreters_default_to_num_cpus_and_num_cpus_to_interpreters() -> None
         ({"interpreters": 16}, "interpreters must be at most 15 per replica (glibc allows 16 link-map namespaces"),
         ({"num_cpus": 16}, "num_cpus 16 would give a replica 16 interpreters; set interpreters (at most 15)"),
         ({"http_port": 70000}, "http_port"),
+        ({"http_port": 8100, "graceful_shutdown_timeout_s": 5}, "http_drain_timeout_s (10) must not exceed "
+                                                                  "graceful_shutdown_timeout_s (5)"),
+        ({"resources": {"model-node": 0}}, "resources.model-node"),
         ({"max_queued_requests": 0}, "max_queued_requests must be -1 (no limit) or at least 1"),
         ({"request_timeout_s": -1}, "request_timeout_s"),
         ({"max_request_bytes": 0}, "max_request_bytes"),
@@ -63,6 +66,16 @@ def test_bad_app_arguments_are_refused_with_the_rule(fields: dict, message: str)
     with pytest.raises(ValidationError) as info:
         AppArgs(archive="m.pt", **fields)
     assert message in str(info.value)
+
+
+def test_replica_placement_and_shutdown_arguments_reach_serves_deployment_options() -> None:
+    from tenfold.integration.builder import _deployment_options
+
+    options = _deployment_options(AppArgs(archive="m.pt", resources={"model-node": 1},
+                                          graceful_shutdown_timeout_s=3), "m")
+    assert options["ray_actor_options"]["resources"] == {"model-node": 1}
+    assert options["graceful_shutdown_timeout_s"] == 3
+    assert "resources" not in _deployment_options(AppArgs(archive="m.pt"), "m")["ray_actor_options"]
 
 
 def test_pinned_digest_is_normalised() -> None:
