@@ -160,7 +160,7 @@ def test_a_short_soak_of_the_embedder_with_strings_in_has_no_growth_per_request(
 @pytest.mark.ray
 def test_a_model_that_leaks_1_kib_per_request_fails_the_soak(soak_of: Callable[..., soak.SoakReport],
                                                               tensor_archives: dict[str, Path]) -> None:
-    report = soak_of(tensor_archives["leaky"], "soak-leaky", tensor_bodies(), 1500)
+    report = soak_of(tensor_archives["leaky"], "soak-leaky", tensor_bodies(), 1000)
     assert report.errors == 0, report.error_examples
     assert not report.ok, report.table()
     # Caught by what the interpreters hold: a block and about 1 KiB of heap per request.
