@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import requests
 from support import free_port, subprocess_env, wait_for
 
 BIN = Path(sys.executable).parent
@@ -144,18 +145,21 @@ class RealCluster:
         assert done.returncode == 0, (args, done.stdout[-2000:], done.stderr[-3000:])
         return done.stdout
 
-    def status(self) -> dict[str, Any]:
-        """Serve's status of every application (from `serve status`, YAML)."""
-        import yaml
-
-        return yaml.safe_load(self.serve("status")) or {}
+    def applications(self) -> dict[str, Any]:
+        """Serve's details of every application, from the dashboard's REST API (what `serve status` reads; asked
+        directly, so that polling it costs no process)."""
+        token = (Path.home() / ".ray" / "auth_token").read_text().strip()
+        r = requests.get(f"{self.dashboard}/api/serve/applications/", timeout=30,
+                         headers={"Authorization": f"Bearer {token}"})
+        r.raise_for_status()
+        return r.json().get("applications") or {}
 
     def running(self, app: str, replicas: int) -> bool:
         """Whether `app` is RUNNING with exactly `replicas` replicas RUNNING, and none other starting or stopping."""
-        apps = self.status().get("applications") or {}
-        if app not in apps or apps[app]["status"] != "RUNNING":
+        found = self.applications().get(app)
+        if found is None or found["status"] != "RUNNING":
             return False
-        return all(d["replica_states"] == {"RUNNING": replicas} for d in apps[app]["deployments"].values())
+        return all([r["state"] for r in d["replicas"]] == ["RUNNING"] * replicas for d in found["deployments"].values())
 
     def shutdown(self) -> None:
         import psutil

@@ -29,7 +29,7 @@ MIB = 2**20
 ARCHIVE_BYTES = serve_models.HEAVY_ROWS * serve_models.HEAVY_COLS * 4  # what one copy of a Heavy archive holds
 X = [[1.0, 2.0, 3.0, 4.0]]
 #: How long a lost node's replicas may take to serve again: Ray sees the raylet gone, Serve starts a replacement
-#: (a new process, torch imported, the archive taken again) on a 2-core machine. Measured: about 10 to 15 s.
+#: (a new process, torch imported, the archive taken again) on a 2-core machine. Measured: 16 to 18 s.
 RECOVERY_BOUND_S = 90
 
 
