@@ -165,7 +165,7 @@ def _map_file(locator: ArchiveLocator, timeout_s: float) -> Resolved | None:
         # Verified at deploy and unchanged.
         return Resolved(open_source(path)[0], "file", stamp=stamp)
     deployer = _deploying_node(locator)
-    elsewhere = deployer is not None and deployer != _this_node()
+    elsewhere = deployer is not None and deployer != this_node()
     if stamp is None and elsewhere:
         logger.info("this node cannot read %s; it comes from the node that deployed it (%s) through the object "
                     "store", locator.describe(), deployer)
@@ -186,7 +186,8 @@ def _map_file(locator: ArchiveLocator, timeout_s: float) -> Resolved | None:
     return Resolved(view, "file", stamp=stamp)
 
 
-def _this_node() -> str | None:
+def this_node() -> str | None:
+    """The Ray node this process runs on, if Ray is up."""
     import ray
 
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
@@ -221,7 +222,7 @@ def _read_on_deploying_node(locator: ArchiveLocator, timeout_s: float) -> Any:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     node = _deploying_node(locator)
-    here = f"this node ({_this_node()})"
+    here = f"this node ({this_node()})"
     fix = ("A local path is read where the application is deployed, and replicas on other nodes get it from there "
            "through the object store: keep the file on that node, or put the archive where every node can read it "
            "(a shared filesystem), or serve it from s3:// or http(s)://")

@@ -11,7 +11,7 @@ from ray.serve import Application
 from ray.serve.config import BackpressureConfig
 
 from . import codec
-from .archive_cache import ArchiveLocator, file_stamp
+from .archive_cache import ArchiveLocator, file_stamp, this_node
 from .config import AppArgs
 from .deployment import TenfoldModel
 from .sources import ArchiveSource, ArchiveUnavailable, fetch_with_digest
@@ -62,13 +62,6 @@ def _check_resources(args: AppArgs) -> None:
             f"{args.replica_interpreters}), but the largest node of this cluster has {most:g}. Give fewer "
             f"interpreters or a smaller num_cpus (e.g. num_cpus: {most:g}), or add a node with more CPUs"
         )
-
-
-def _this_node() -> str | None:
-    """The Ray node this builds on (where a local archive was just read), if Ray is up."""
-    import ray
-
-    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
 def _deployment_options(args: AppArgs, name: str) -> dict[str, Any]:
@@ -132,7 +125,7 @@ def app_builder(args: AppArgs) -> Application:
         manifest = archive.verify()
     except (ArchiveUnavailable, PackageError) as exc:  # each names the source
         raise DeployError(f"refusing to deploy: {exc}") from exc
-    locator = ArchiveLocator(source, digest, len(view), stamp, _this_node() if source.is_local else None)
+    locator = ArchiveLocator(source, digest, len(view), stamp, this_node() if source.is_local else None)
     del archive, view
     _check_batching(args, manifest)
     _check_resources(args)
