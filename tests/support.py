@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -17,6 +16,7 @@ from typing import IO, Any, TypeVar
 
 import pytest
 
+from tenfold.bench.common import free_port as free_port  # the one way to pick a port, shared with the benchmarks
 from tenfold.runtime import with_glibc_tunables
 
 TESTS = Path(__file__).resolve().parent
@@ -38,12 +38,6 @@ def run_python(code: str, *, env: dict[str, str] | None = None, timeout: float =
     """Run `code` (dedented) in a fresh Python; its output and exit code."""
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env or subprocess_env(),
                           capture_output=True, text=True, timeout=timeout, cwd=cwd)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def pid_alive(pid: int) -> bool:

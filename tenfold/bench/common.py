@@ -7,6 +7,7 @@ import contextlib
 import importlib
 import json
 import os
+import random
 import socket
 import sys
 import threading
@@ -23,9 +24,34 @@ ARROW_TYPE = "application/vnd.apache.arrow.stream"
 # -- Ray ----------------------------------------------------------------------------------------
 
 
+# Ray's processes bind ports all the time: its workers take 10002-19999, and its gRPC servers and agents take
+# ports from the kernel's ephemeral range. A port picked from either range can be taken by one of them
+# before the server it was picked for binds it, so ports are picked between the two.
+_RAY_WORKER_PORTS_END = 20000
+_handed_out: set[int] = set()
+
+
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """A TCP port on loopback that nothing listens on now."""
-    with socket.socket() as s:
+    """A TCP port on loopback that nothing listens on now, and that neither Ray nor the kernel will hand
+    to anything else meanwhile; never the same one twice in a process."""
+    candidates = [p for p in range(_RAY_WORKER_PORTS_END, _ephemeral_start()) if p not in _handed_out]
+    random.shuffle(candidates)
+    for port in candidates[:200]:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    with socket.socket() as s:  # no quiet range on this machine: the kernel's pick
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
