@@ -8,13 +8,15 @@ fractional CPUs so that several fit in the session's 4 logical CPUs.
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from support import TEST_AWS_ENV, TESTS, free_port
+from support import TEST_AWS_ENV, TESTS, free_port, subprocess_env
 
 # Replicas report autoscaling figures every 10 s by default: too slow for a test. Ray's processes
 # inherit this environment, so it is set before the session's Ray starts.
@@ -25,6 +27,24 @@ _RAY_ENV = {
     "HF_HUB_OFFLINE": "1",  # replicas load Hugging Face code: nothing may be fetched from a hub
     **TEST_AWS_ENV,  # replicas fetch archives from the tests' S3-compatible server
 }
+
+
+_IN_OWN_PROCESS = "TENFOLD_TEST_IN_OWN_PROCESS"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
+    """A test marked `own_process` runs alone in a new pytest process. Such tests lose interpreters: a lost
+    interpreter holds one of the process's namespaces for good, and the next test could find none left."""
+    if pyfuncitem.get_closest_marker("own_process") is None or os.environ.get(_IN_OWN_PROCESS):
+        return None
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", pyfuncitem.nodeid],
+                         cwd=pyfuncitem.config.rootpath, env=subprocess_env(**{_IN_OWN_PROCESS: "1"}),
+                         capture_output=True, text=True, timeout=600)
+    if run.returncode != 0 or not re.search(r"\b1 passed\b", run.stdout):
+        pytest.fail(f"in its own process (exit {run.returncode}):\n{run.stdout[-8000:]}\n{run.stderr[-3000:]}",
+                    pytrace=False)
+    return True
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -49,6 +50,15 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def process_gone(pid: int) -> bool:
+    """Whether the process `pid` has exited (it may still wait to be reaped: its sockets are closed)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
 def wait_for(predicate: Callable[[], T], timeout_s: float, what: str, interval_s: float = 0.25) -> T:
     """The first true value of `predicate()`, polled every `interval_s`; fails the test after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
@@ -59,6 +69,34 @@ def wait_for(predicate: Callable[[], T], timeout_s: float, what: str, interval_s
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
         time.sleep(interval_s)
+
+
+_SYSCALLS = {"x86_64": {"read": 0, "futex": 202}, "aarch64": {"read": 63, "futex": 98}}
+
+
+def wait_blocked(call: str, *, fd: int | None = None, pid: int | None = None, main_thread: bool = False,
+                 timeout_s: float = 10) -> None:
+    """Wait until a thread of process `pid` (this one by default; only its main thread with `main_thread`) is
+    blocked in the system call `call` (on `fd`, if given): in native code, where no interrupt reaches it.
+    Linux's /proc/PID/task/TID/syscall names the call each thread is blocked in, and its first argument."""
+    wanted = f"{_SYSCALLS[platform.machine()][call]} " + (f"{fd:#x} " if fd is not None else "")
+    task = Path(f"/proc/{pid or 'self'}/task")
+    pattern = f"{pid or os.getpid()}/syscall" if main_thread else "*/syscall"
+
+    def blocked() -> bool:
+        for path in task.glob(pattern):
+            with contextlib.suppress(OSError):
+                if path.read_text().startswith(wanted):
+                    return True
+        return False
+
+    wait_for(blocked, timeout_s, f"a thread blocked in {call}" + (f" on fd {fd}" if fd is not None else ""),
+             interval_s=0.01)
+
+
+def wait_blocked_reading(fd: int, timeout_s: float = 10) -> None:
+    """Wait until a thread of this process is blocked in read(2) on `fd`."""
+    wait_blocked("read", fd=fd, timeout_s=timeout_s)
 
 
 def stop_with_ctrl_c(proc: subprocess.Popen[Any], log: IO[str] | None = None, timeout_s: float = 90) -> int:

@@ -140,6 +140,13 @@ class DataPlane:
             ))
         return PoolStats(backend=stats.backend, interpreters=merged)
 
+    def connections(self) -> dict[str, list[int]]:
+        """Per serving interpreter: its open connections, and those that carried a request in the last second
+        or carry one now (`active`: idle keep-alive connections are no load)."""
+        with self._lock:
+            blocks = [w.block for _, w in sorted(self._watched.items())]
+        return {"open": [b[_server.CONNECTIONS] for b in blocks], "active": [b[_server.ACTIVE] for b in blocks]}
+
     def threads(self) -> list[int]:
         """Native ids of the threads the servers run on (to tell the interpreters' CPU time from the host's)."""
         with self._lock:

@@ -173,6 +173,10 @@ class TenfoldModel:
 
     def _stats_body(self) -> dict[str, Any]:
         body = {**self._pool_stats().as_dict(), "pid": os.getpid()}
+        if self._dataplane is not None:
+            connections = self._dataplane.connections()
+            body["http_port"] = {"port": self._dataplane.port, "connections_open": connections["open"],
+                                 "connections_active": connections["active"]}
         if self._memory:
             # Measured at the last health check, between calls: what a soak judges leaks by.
             body["memory_in_use"] = self._memory

@@ -21,11 +21,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import requests
-from support import free_port, running_replicas, wait_for
+from support import free_port, process_gone, running_replicas, wait_for
 from testmodels.serve_models import RAISE, SLEEP, SPIN
 
 from tenfold.integration import codec
-from tenfold.integration._server import ACTIVE_S
 
 pytestmark = pytest.mark.ray
 
@@ -195,8 +194,9 @@ def test_a_slow_client_times_out_without_holding_an_interpreter(app: SimpleNames
 def test_requests_spread_over_the_interpreters(app: SimpleNamespace) -> None:
     # Two connections, each busy with calls that hold the interpreter for 50 ms: one interpreter alone would
     # take twice as long as two interpreters serving one connection each. A connection that an earlier test's
-    # client left open counts as load for ACTIVE_S after its last request: wait that out first.
-    time.sleep(ACTIVE_S + 0.5)
+    # client left open counts as load for a second after its last request: wait that out first.
+    wait_for(lambda: not any(app.handle.stats.remote().result()["http_port"]["connections_active"]), 10,
+             "no connection active")
     before = app.handle.stats.remote().result()["interpreters"]
     body = json.dumps({"inputs": [[[SPIN, 50.0, 0.0, 0.0]], [1]]})
 
@@ -230,6 +230,9 @@ def test_stats_count_the_ports_requests_and_errors(app: SimpleNamespace) -> None
     served = wait_for(lambda: (s := requests.get(app.port + "/-/stats", timeout=30).json())["calls"] >= after["calls"]
                       and s, 10, "the port's /-/stats to catch up")
     assert served["size"] == 2 and served["pid"] == after["pid"]
+    # Its connections, per interpreter: the requests above were each on a connection of its own, now closed.
+    port = after["http_port"]
+    assert port["port"] == app.port_number and len(port["connections_open"]) == len(port["connections_active"]) == 2
 
 
 def test_port_requests_count_as_busy_time_for_autoscaling(app: SimpleNamespace) -> None:
@@ -297,7 +300,9 @@ def test_connections_past_the_replicas_share_are_answered_503_with_retry_after(s
     try:
         for c in conns:
             c.connect()
-        time.sleep(0.2)  # every connection accepted
+        handle = serve.get_app_handle("dp-busy")
+        wait_for(lambda: sum(handle.stats.remote().result()["http_port"]["connections_open"]) == 4, 10,
+                 "every connection accepted", interval_s=0.05)
         answers = []
         for c in conns:
             c.request("POST", "/", body=json.dumps(GOOD), headers={"Content-Type": codec.JSON_TYPE})
@@ -357,7 +362,8 @@ def test_redeploy_downscale_and_a_killed_replica_lose_no_request(serve_session, 
         _deploy("dp-life", probe_archive, port, num_replicas=2, request_timeout_s=20.0)
         _deploy("dp-life", probe_archive, port, num_replicas=1, request_timeout_s=20.0)
         wait_for(lambda: running_replicas("dp-life", "probe") == 1, 60, "the downscale")
-        time.sleep(1.0)
+        served = sum(load.statuses.values())
+        wait_for(lambda: sum(load.statuses.values()) > served + 50, 30, "requests to the one replica left")
         statuses = load.stop()
         assert load.failures == [], load.failures[:5]
         assert set(statuses) == {200}, statuses
@@ -369,8 +375,9 @@ def test_redeploy_downscale_and_a_killed_replica_lose_no_request(serve_session, 
         handle = serve.get_app_handle("dp-life")
         pids |= {handle.stats.remote().result()["pid"] for _ in range(20)}
         assert len(pids) == 2, pids
-        os.kill(pids.pop(), signal.SIGKILL)
-        time.sleep(0.5)
+        killed = pids.pop()
+        os.kill(killed, signal.SIGKILL)
+        wait_for(lambda: process_gone(killed), 10, "the killed replica gone", interval_s=0.02)
         t0 = time.monotonic()
         answers = Counter(_post(url, json.dumps(GOOD)).status_code for _ in range(50))
         assert answers == {200: 50} and time.monotonic() - t0 < 10

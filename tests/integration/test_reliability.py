@@ -7,6 +7,7 @@ application is deleted when its test ends, also on failure. The soak is in tests
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from collections.abc import Iterator
@@ -56,6 +57,16 @@ def deployed(serve_session, name: str, args: dict) -> Iterator[str]:  # noqa: AN
         serve.delete(name)
 
 
+def sleeping(seconds: float) -> tuple[list, int]:
+    """An input that sleeps `seconds` in native code, and the token it announces when it starts."""
+    token = random.randrange(1, 2**24)  # exact in float32
+    return [[models.SLEEP, seconds, float(token), 0]], token
+
+
+def wait_started(*tokens: int) -> None:
+    wait_for(lambda: all(models.started(t) for t in tokens), 30, "the sleeping calls to start")
+
+
 def post(url: str, x: list, timeout: float = 60) -> requests.Response:
     return requests.post(url, json={"inputs": [x]}, timeout=timeout)
 
@@ -81,9 +92,10 @@ def test_replicated_model_interrupt_cancels_a_queued_call_and_stops_a_running_lo
     with InterpreterPool(1, threads_per_interpreter=1) as pool, replicate(pool, archives["hang"]) as model:
         import torch
 
-        hung = model.submit(torch.tensor([[models.HANG, 0, 0, 0]]))
+        token = random.randrange(1, 2**24)
+        hung = model.submit(torch.tensor([[models.HANG, 0, float(token), 0]]))
         queued = model.submit(torch.tensor(X))
-        time.sleep(0.3)
+        wait_started(token)
         assert not hung.done()
         assert model.interrupt(queued) is True
         with pytest.raises(CancelledError):
@@ -157,8 +169,9 @@ def test_queue_past_max_queued_requests_is_a_503_with_retry_after(serve_session,
         with ThreadPoolExecutor(6) as clients:  # bounded: 6 requests, 1 running, 1 queued, the rest refused
             # The first is running before the others arrive: while the proxy is still placing it, it counts
             # as queued, and the queue's one place would not be left for a second.
-            first = clients.submit(post, url, [[models.SLEEP, 2.0, 0, 0]])
-            time.sleep(0.5)
+            long, token = sleeping(2.0)
+            first = clients.submit(post, url, long)
+            wait_started(token)
             rest = [clients.submit(call, i) for i in range(5)]
             answers = [first.result(), *(f.result() for f in rest)]
         codes = sorted(r.status_code for r in answers)
@@ -257,8 +270,9 @@ def test_a_segfault_takes_the_replica_down_and_serve_restarts_it(serve_session, 
         assert_healthy_answer(post(url, X))
         with ThreadPoolExecutor(2) as clients:
             # In flight on one interpreter while the other crashes the process: both must answer, with a 5xx.
-            in_flight = clients.submit(post, url, [[models.SLEEP, 5.0, 0, 0]], 60)
-            time.sleep(0.5)
+            long, token = sleeping(5.0)
+            in_flight = clients.submit(post, url, long, 60)
+            wait_started(token)
             t0 = time.monotonic()
             crash = clients.submit(post, url, [[models.CRASH, 0, 0, 0]], 60)
             answers = [crash.result(), in_flight.result()]
@@ -323,13 +337,14 @@ def test_scale_down_and_delete_drain_and_exit_without_a_crash(serve_session, arc
         assert_clean_exit(gone)
         assert_healthy_answer(post(url, X))
         with ThreadPoolExecutor(2) as clients:  # calls in flight while the application is deleted
-            in_flight = [clients.submit(post, url, [[models.SLEEP, 1.5, 0, 0]]) for _ in range(2)]
-            time.sleep(0.5)
+            (a, token_a), (b, token_b) = sleeping(1.5), sleeping(1.5)
+            in_flight = [clients.submit(post, url, x) for x in (a, b)]
+            wait_started(token_a, token_b)
             serve.delete("drain")
             deleted = True
             answers = [f.result() for f in in_flight]
-        for r in answers:  # drained: answered, not cut off
-            assert_healthy_answer(r, [[models.SLEEP, 1.5, 0, 0]])
+        for r, x in zip(answers, (a, b)):  # drained: answered, not cut off
+            assert_healthy_answer(r, x)
     finally:
         if not deleted:
             serve.delete("drain")

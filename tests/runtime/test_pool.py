@@ -16,7 +16,7 @@ import weakref
 
 import numpy as np
 import pytest
-from support import ROOT, run_python, subprocess_env, wait_for
+from support import ROOT, run_python, subprocess_env, wait_blocked, wait_blocked_reading, wait_for
 from testmodels import runtime_funcs as funcs
 
 from tenfold.runtime import (
@@ -413,7 +413,7 @@ def test_each_interpreter_gets_its_share_of_cores_before_torch_is_imported():
 
 def test_a_runaway_python_loop_is_interrupted_and_the_interpreter_serves_again(pool):
     f = pool.submit(funcs.spin)
-    time.sleep(0.3)
+    wait_for(f.running, 10, "the loop to start", interval_s=0.01)
     assert pool.interrupt(f, grace_s=2.0)
     with pytest.raises(TimeoutError) as info:
         f.result(timeout=5)
@@ -422,19 +422,26 @@ def test_a_runaway_python_loop_is_interrupted_and_the_interpreter_serves_again(p
     assert pool.healthy == 2
 
 
+@pytest.mark.own_process
 def test_a_call_stuck_in_native_code_loses_its_interpreter_and_the_rest_serve():
+    r, w = os.pipe()
     with InterpreterPool(2, backend="namespaces") as p:
-        f = p.submit(time.sleep, 3)
-        time.sleep(0.2)
-        assert p.interrupt(f, grace_s=0.3) is False
-        with pytest.raises(InterpreterLost):
-            f.result(timeout=1)
-        stats = p.stats()
-        assert stats.healthy == 1 and [i.lost for i in stats.interpreters].count(True) == 1
-        assert [p.submit(funcs.echo, i).result(timeout=10) for i in range(4)] == [0, 1, 2, 3]
-        time.sleep(3)  # let the sleeping call end before the pool is parked
+        try:
+            f = p.submit(funcs.read_byte, r)
+            wait_blocked_reading(r)
+            assert p.interrupt(f, grace_s=0.3) is False
+            with pytest.raises(InterpreterLost):
+                f.result(timeout=1)
+            stats = p.stats()
+            assert stats.healthy == 1 and [i.lost for i in stats.interpreters].count(True) == 1
+            assert [p.submit(funcs.echo, i).result(timeout=10) for i in range(4)] == [0, 1, 2, 3]
+        finally:
+            os.write(w, b"x")  # the stuck call returns: nothing is left blocked when the pool shuts down
+            os.close(r)
+            os.close(w)
 
 
+@pytest.mark.own_process
 def test_calls_queued_on_a_lost_interpreter_complete_on_the_others():
     stuck_r, stuck_w = os.pipe()
     busy_r, busy_w = os.pipe()
@@ -444,7 +451,8 @@ def test_calls_queued_on_a_lost_interpreter_complete_on_the_others():
             stuck = p.submit(funcs.read_byte, stuck_r)  # native code: an interrupt cannot stop it
             busy = p.submit(funcs.read_byte, busy_r)
             queued = [p.submit(funcs.echo, i) for i in range(6)]
-            wait_for(lambda: stuck.running() and busy.running(), 30, "both blocking calls to start")
+            wait_blocked_reading(stuck_r)
+            wait_blocked_reading(busy_r)
             depths = [i.queue_depth for i in p.stats().interpreters]
             assert depths == [4, 4]  # each interpreter: its blocked call and 3 queued behind it
             assert p.interrupt(stuck, grace_s=0.3) is False
@@ -469,7 +477,7 @@ def test_calls_waiting_behind_an_interrupted_call_move_to_the_others_without_wai
         try:
             start = [i.calls for i in p.stats().interpreters]
             stuck = p.submit_to(0, funcs.read_byte, stuck_r)  # blocked in native code until a byte comes
-            wait_for(stuck.running, 30, "the blocking call to start")
+            wait_blocked_reading(stuck_r)
             behind = [p.submit_to(0, funcs.echo, i) for i in range(3)]
             outcome: list[bool] = []
             interrupting = threading.Thread(target=lambda: outcome.append(p.interrupt(stuck, grace_s=10.0)))
@@ -492,16 +500,13 @@ def test_calls_waiting_behind_an_interrupted_call_move_to_the_others_without_wai
 def test_stats_report_busy_time_queue_depth_and_utilization():
     with InterpreterPool(2, backend="namespaces", utilization_window_s=2.0) as p:
         futures = [p.submit(funcs.slow_where, 0.4) for _ in range(6)]
-        time.sleep(0.2)
-        busy = p.stats()
-        assert busy.queue_depth >= 4
+        assert p.stats().queue_depth >= 4
         cf.wait(futures)
         stats = p.stats()
         assert stats.calls >= 6 and stats.errors == 0
         assert stats.busy_s >= 6 * 0.4 * 0.9
         assert stats.utilization > 0.5
-        time.sleep(2.5)
-        assert p.stats().utilization < 0.2
+        wait_for(lambda: p.stats().utilization < 0.2, 5, "utilization to fall once the 2 s window is idle")
 
 
 # -- process lifetime ------------------------------------------------------------------------------
@@ -609,7 +614,7 @@ def test_ctrl_c_still_interrupts_the_host():
     proc = subprocess.Popen([sys.executable, "-c", code], env=subprocess_env(), stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "ready"
-        time.sleep(0.3)
+        wait_blocked("futex", pid=proc.pid, main_thread=True)  # in f.result(), waiting
         proc.send_signal(2)
         try:
             out, _ = proc.communicate(timeout=30)

@@ -5,13 +5,37 @@ always answers, and keeps 1 KiB at every call."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 
 import torch
 
-HANG = 4242.0  # Hang: x[0, 0] == HANG loops in Python forever
-SLEEP = 9999.0  # NativeSleep: x[0, 0] == SLEEP sleeps x[0, 1] seconds inside time.sleep (native code)
+HANG = 4242.0  # Hang: x[0, 0] == HANG loops in Python forever; a token in x[0, 2] is announced first
+SLEEP = 9999.0  # NativeSleep: x[0, 0] == SLEEP sleeps x[0, 1] seconds inside time.sleep (native code);
+#                a token in x[0, 2] is announced first (see `started`)
 CRASH = 6666.0  # Crash: x[0, 0] == CRASH dereferences NULL (the process dies of SIGSEGV)
+
+
+#: Where a sleeping call announces that it started: a file named by its token (the replicas share this machine).
+STARTED_DIR = os.path.join(tempfile.gettempdir(), "tenfold-test-calls-started")
+
+
+def started(token: int) -> bool:
+    """Whether the call that carried `token` (x[0, 2], a whole number below 2**24) has started (to sleep or hang)."""
+    return os.path.exists(os.path.join(STARTED_DIR, str(token)))
+
+
+def _announce(x: torch.Tensor) -> None:
+    token = int(x[0, 2])
+    if token:
+        os.makedirs(STARTED_DIR, exist_ok=True)
+        open(os.path.join(STARTED_DIR, str(token)), "w").close()
+
+
+def _sleep(x: torch.Tensor) -> None:
+    _announce(x)
+    time.sleep(float(x[0, 1]))  # the interpreter's eval loop does not run: no interrupt lands
 
 
 class Healthy(torch.nn.Module):
@@ -35,6 +59,7 @@ class Healthy(torch.nn.Module):
 class Hang(Healthy):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.trigger(x) == HANG:
+            _announce(x)
             n = 0
             while True:  # only an exception raised inside the interpreter ends this
                 n += 1
@@ -44,7 +69,7 @@ class Hang(Healthy):
 class NativeSleep(Healthy):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.trigger(x) == SLEEP:
-            time.sleep(float(x[0, 1]))  # the interpreter's eval loop does not run: no interrupt lands
+            _sleep(x)
         return self.linear(x)
 
 
@@ -55,7 +80,7 @@ class Crash(Healthy):
 
             ctypes.string_at(0)  # SIGSEGV in native code: the whole replica process dies
         if self.trigger(x) == SLEEP:
-            time.sleep(float(x[0, 1]))
+            _sleep(x)
         return self.linear(x)
 
 
