@@ -13,6 +13,7 @@ import pickle
 import queue
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -21,6 +22,8 @@ from . import _glibc, _wire
 from .errors import InterpreterStartError, RemoteError, RemoteTraceback
 
 _ERR_SIZE = 1 << 16
+#: How long an interrupt waits for a call handed to the interpreter to start running there.
+_START_WAIT_S = 5.0
 
 
 _HOST_SET_ASYNC_EXC = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.py_object)(
@@ -126,7 +129,11 @@ class ThreadInterpreter(_OwnedThread):
             raise
 
     def interrupt(self, call_id: int) -> None:
-        """Raise TimeoutError in the thread if call `call_id` is still running there."""
+        """Raise TimeoutError in the thread if call `call_id` is still running there (once it has started, if
+        it was handed over but has not yet)."""
+        deadline = time.monotonic() + _START_WAIT_S
+        while self.call_id < call_id and time.monotonic() < deadline:
+            time.sleep(0.001)
         if self._running == call_id:  # under the host GIL: the thread cannot move on meanwhile
             self._interrupted = True
             self._set_async_exc(self.thread.ident, TimeoutError)
@@ -195,14 +202,24 @@ class NamespaceInterpreter(_OwnedThread):
         self._interrupter.post(lambda: self._raise_timeout(call_id))
 
     def _raise_timeout(self, call_id: int) -> None:
-        g = self._gil_ensure()
-        try:
-            slots = self._block.slots
-            if slots[_wire.RUNNING] == call_id:
-                slots[_wire.INTERRUPTED] = 1
-                self._set_async_exc(self.thread.ident, self._timeout_error)
-        finally:
-            self._gil_release(g)
+        # The pool may interrupt a call as soon as it hands it over, before the interpreter runs it (its payload
+        # still being written or unpickled): wait for it to start running, or to have ended, then act.
+        deadline = time.monotonic() + _START_WAIT_S
+        while True:
+            g = self._gil_ensure()
+            try:
+                slots = self._block.slots
+                if slots[_wire.RUNNING] == call_id:
+                    slots[_wire.INTERRUPTED] = 1
+                    self._set_async_exc(self.thread.ident, self._timeout_error)
+                    return
+                handed = slots[_wire.CALL_ID]
+                starting = handed < call_id or (handed == call_id and slots[_wire.STATUS] == _wire.STATUS_NONE)
+            finally:
+                self._gil_release(g)
+            if not starting or time.monotonic() > deadline:
+                return
+            time.sleep(0.001)
 
     def _exec(self, code: str) -> None:
         g = self._gil_ensure()

@@ -240,9 +240,10 @@ def test_interpreters_stuck_but_not_lost_fail_the_health_check_and_serve_replace
     with deployed(serve_session, "stuck", args) as url, ThreadPoolExecutor(2) as clients:
         pid = stats(url)["pid"]
         assert_healthy_answer(post(url, X))
-        stuck = [clients.submit(post, url, [[models.SLEEP, 60.0, 0, 0]], 120) for _ in range(2)]
-        # Called as Serve calls it. A check passes while calls still complete (the stuck ones may not have
-        # started yet), and fails once its pings queue behind calls that make no progress.
+        (a, token_a), (b, token_b) = sleeping(60.0), sleeping(60.0)
+        stuck = [clients.submit(post, url, x, 120) for x in (a, b)]
+        wait_started(token_a, token_b)  # one in each interpreter: each holds its own
+        # Called as Serve calls it: it fails once its pings queue behind calls that make no progress.
         handle = serve.get_app_handle("stuck")
         with pytest.raises(Exception, match="answered no ping within 5 s and completed no call") as info:
             for _ in range(4):

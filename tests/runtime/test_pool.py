@@ -411,6 +411,17 @@ def test_each_interpreter_gets_its_share_of_cores_before_torch_is_imported():
         assert p.broadcast(funcs.torch_threads) == [("1", 1), ("1", 1)]
 
 
+def test_an_interrupt_sent_as_soon_as_a_call_is_handed_over_stops_it_once_it_starts(pool):
+    # Taken by an idle interpreter at submit, the call is running for the caller before the interpreter has
+    # begun it: the interrupt waits for it to begin, and never mistakes it for a stuck one.
+    for _ in range(20):
+        f = pool.submit(funcs.spin)
+        assert pool.interrupt(f, grace_s=2.0)
+        with pytest.raises(TimeoutError):
+            f.result(timeout=10)
+    assert pool.healthy == pool.size and pool.submit(funcs.echo, 5).result(timeout=30) == 5
+
+
 def test_a_runaway_python_loop_is_interrupted_and_the_interpreter_serves_again(pool):
     f = pool.submit(funcs.spin)
     wait_for(f.running, 10, "the loop to start", interval_s=0.01)
