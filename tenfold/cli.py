@@ -3,7 +3,7 @@
     tenfold package MODULE:FACTORY -o model.pt     package a model as an archive
     tenfold inspect model.pt                       print its manifest, check its digests
     tenfold serve model.pt|MODULE:FACTORY          serve it with Ray Serve until Ctrl-C
-    tenfold bench runtime|packaging|serve|dataplane|soak   run a benchmark
+    tenfold bench runtime|packaging|serve|dataplane|stream|soak   run a benchmark
 
 Handlers import what they need (torch, ray) when they run, so that `tenfold --help` stays fast.
 """
@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_serve)
 
     bench = commands.add_parser(
-        "bench", help="run a benchmark (runtime, packaging, serve, dataplane, soak)"
+        "bench", help="run a benchmark (runtime, packaging, serve, dataplane, stream, soak)"
     ).add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
     p = bench.add_parser(
         "runtime",
@@ -238,6 +238,21 @@ def build_parser() -> argparse.ArgumentParser:
                    "settings for handle calls)")
     p.add_argument("--out", type=Path, default=Path("bench-results"))
     p.set_defaults(handler=_bench("dataplane"))
+
+    p = bench.add_parser(
+        "stream", help="a streaming model: time to the first item vs the whole answer, tenfold vs plain Serve",
+        description="Serve examples.text_generator as tenfold (1 replica x 2 interpreters, through Serve's proxy "
+        "and through http_port) and as 2 plain Serve replicas streaming the same generator; send streamed requests "
+        "in interleaved rounds; print the time to the first item and to the whole answer; write stream.json and "
+        "stream.png.",
+    )
+    p.add_argument("--model", default="text_generator", help="a streaming example (or archive)")
+    p.add_argument("--tokens", type=_positive(int), default=256, help="tokens per request")
+    p.add_argument("--requests", type=_positive(int), default=20, help="requests per set-up and round")
+    p.add_argument("--rounds", type=_positive(int), default=3, help="interleaved rounds")
+    p.add_argument("--concurrency", type=_positive(int), default=2, help="clients, one open request each")
+    p.add_argument("--out", type=Path, default=Path("bench-results"))
+    p.set_defaults(handler=_bench("stream"))
 
     p = bench.add_parser(
         "soak",

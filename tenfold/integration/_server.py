@@ -233,9 +233,13 @@ class _Server:
                 _logger.exception("request failed")  # ours, not the caller's nor the model's
             error = routes.classify(exc)
             status, headers, body = error.status, self._error_headers(error), error.body()
-        headers.append((b"content-length", str(len(body)).encode()))
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        if isinstance(body, _Stream):  # no content-length: uvicorn sends it chunked, as it comes
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await self._send_stream(body, send, receive)
+        else:
+            headers.append((b"content-length", str(len(body)).encode()))
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
         block[REQUESTS] += 1
         if status >= 400:
             block[ERRORS] += 1
@@ -251,7 +255,30 @@ class _Server:
             headers.append((b"connection", b"close"))
         return headers
 
-    async def _answer(self, scope: dict[str, Any], receive: Any) -> tuple[int, list, bytes]:
+    async def _send_stream(self, stream: _Stream, send: Any, receive: Any) -> None:
+        """A streaming model's items, each sent as soon as the model yields it; a client that hangs up stops the
+        model between two items (its generator is closed), and an error ends the stream with an error chunk."""
+        gone = asyncio.ensure_future(receive())  # the body is read: what comes next is the client hanging up
+        try:
+            chunk: bytes | None = stream.first
+            while chunk is not None:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await asyncio.sleep(0)  # one turn of the loop: a client gone is seen before the next step
+                if gone.done():
+                    return
+                try:
+                    chunk = self._call(_step, stream.iterator, stream.encode)
+                except codec.HTTPError as error:  # the model's, or past request_timeout_s: the status is sent
+                    await send({"type": "http.response.body", "body": codec.stream_error(error, stream.events),
+                                "more_body": True})
+                    break
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            gone.cancel()
+            with contextlib.suppress(Exception):  # a generator that fails as it closes has nothing left to say
+                self._apply(self.settings.model_id, _close, stream.iterator)
+
+    async def _answer(self, scope: dict[str, Any], receive: Any) -> tuple[int, list, bytes | _Stream]:
         settings = self.settings
         route = routes.resolve(scope["method"], scope["path"], scope.get("root_path", ""))
         if route == routes.PREDICT:
@@ -267,23 +294,41 @@ class _Server:
                                   headers={"Retry-After": "1"})
         return 200, [*_JSON], json.dumps({"status": "ok", "pid": os.getpid()}).encode()
 
-    async def _predict(self, scope: dict[str, Any], receive: Any) -> tuple[list, bytes]:
+    async def _predict(self, scope: dict[str, Any], receive: Any) -> tuple[list, bytes | _Stream]:
         settings = self.settings
         if not scope.get("tenfold.admitted", True):
             raise routes.overloaded(settings.retry_after_s)
-        content_type = content_length = None
+        content_type = content_length = accept = None
         for name, value in scope["headers"]:
             if name == b"content-type":
                 content_type = value.decode("latin-1")
             elif name == b"content-length":
                 content_length = value.decode("latin-1")
+            elif name == b"accept":
+                accept = value.decode("latin-1")
         media = routes.media_type(content_type, settings.interface)
         routes.check_declared_length(content_length, settings.max_request_bytes)
         body = await _read_body(receive, settings.max_request_bytes)
+        if settings.interface.streams:
+            return self._open_stream(body, routes.wants_events(accept))
         predict = codec.predict_json if media == codec.JSON_TYPE else codec.predict_arrow
-        return [(b"content-type", media.encode())], self._call(predict, body)
+        return [(b"content-type", media.encode())], self._call(predict, body, settings.interface)
 
-    def _call(self, predict: Any, body: bytes) -> bytes:
+    def _open_stream(self, body: bytes, events: bool) -> tuple[list, _Stream]:
+        """A streaming model's iterator on this request, and its first item: bad inputs, and a model that fails
+        before its first item, are answered with their status."""
+        encode = codec.encode_event if events else codec.encode_line
+        iterator = self._call(codec.open_json, body, self.settings.interface)
+        try:
+            first = self._call(_step, iterator, encode)
+        except BaseException:
+            self._apply(self.settings.model_id, _close, iterator)
+            raise
+        media = codec.EVENT_STREAM_TYPE if events else codec.NDJSON_TYPE
+        return [(b"content-type", media.encode()), (b"cache-control", b"no-cache")], _Stream(iterator, first, encode,
+                                                                                             events)
+
+    def _call(self, fn: Any, *args: Any) -> Any:
         """The model's answer, computed right here on the server's thread: this interpreter does nothing else
         meanwhile, and the other interpreters take the other connections."""
         block = self.block
@@ -293,7 +338,7 @@ class _Server:
             started = block[CURRENT_NS] = time.monotonic_ns()
         try:
             try:
-                return self._apply(self.settings.model_id, predict, body, self.settings.interface)
+                return self._apply(self.settings.model_id, fn, *args)
             finally:
                 with self._interrupt_lock:
                     block[CURRENT_NS] = 0
@@ -309,6 +354,31 @@ class _Server:
         except Exception as exc:  # noqa: BLE001 - the model's: a 500 with its type, and the server goes on
             _logger.debug("the model raised %s", type(exc).__name__, exc_info=exc)
             raise routes.model_error(exc) from None
+
+
+@dataclass
+class _Stream:
+    """A streaming answer in progress: the model's iterator, its first item (encoded), and how to encode."""
+
+    iterator: Any
+    first: bytes | None
+    encode: Any
+    events: bool
+
+
+_END = object()
+
+
+def _step(model: Any, iterator: Any, encode: Any) -> bytes | None:
+    """The next item of `iterator`, encoded; None once it is exhausted."""
+    item = next(iterator, _END)
+    return None if item is _END else encode(item)
+
+
+def _close(model: Any, iterator: Any) -> None:
+    close = getattr(iterator, "close", None)
+    if close is not None:
+        close()  # GeneratorExit at the generator's yield: its finally blocks run
 
 
 class _Acceptor:

@@ -30,6 +30,11 @@ class DeployError(ValueError):
 def _check_batching(args: AppArgs, manifest: Any) -> None:
     if args.max_batch_size is None:
         return
+    if manifest.streams:
+        raise DeployError(
+            f"max_batch_size joins requests into one call, but {manifest.name} streams ({manifest.signature()}): "
+            "each request is its own stream. Drop max_batch_size"
+        )
     if manifest.takes_values:
         if codec.batches_values(manifest):
             return  # requests' lists are joined into one list, and the results split back

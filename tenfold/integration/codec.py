@@ -93,7 +93,12 @@ class Interface:
     @property
     def takes_values(self) -> bool:
         """True for a Python-valued model (any input or the output is not a tensor)."""
-        return self.structure == "value" or not all(isinstance(s, TensorSpec) for s in self.inputs)
+        return self.structure in ("value", "stream") or not all(isinstance(s, TensorSpec) for s in self.inputs)
+
+    @property
+    def streams(self) -> bool:
+        """True for a model whose call returns an iterator: its items are sent as they are produced."""
+        return self.structure == "stream"
 
 
 def batches_values(manifest: Manifest) -> bool:
@@ -177,6 +182,46 @@ def predict_json(model: Any, body: bytes, interface: Interface) -> bytes:
 
     tensors = [torch.from_numpy(a) for a in decode_json(body, interface.inputs)]
     return encode_json(as_arrays(model(*tensors), interface.outputs))
+
+
+def open_json(model: Any, body: bytes, interface: Interface) -> Any:
+    """The iterator of a streaming model on a JSON request body, decoded and validated as `predict_json` does,
+    inside the interpreter that will hold it."""
+    try:
+        inputs = _signature.prepare_inputs(model, interface.inputs, parse_inputs(body, interface.inputs),
+                                           interface.signature, from_json=True)
+    except ValueError as exc:
+        raise InvalidInput(str(exc)) from None
+    return model(*inputs)
+
+
+#: A stream's media types: newline-delimited JSON (the default), or server-sent events on request.
+NDJSON_TYPE = "application/x-ndjson"
+EVENT_STREAM_TYPE = "text/event-stream"
+
+
+def _item_json(item: Any) -> bytes:
+    try:
+        return json.dumps(_values.to_json(item)).encode()
+    except TypeError as exc:
+        raise HTTPError(f"an item the model yielded cannot be sent as JSON: {exc}", status=500,
+                        kind="ModelError") from None
+
+
+def encode_line(item: Any) -> bytes:
+    """One item of a stream as a line of newline-delimited JSON."""
+    return _item_json(item) + b"\n"
+
+
+def encode_event(item: Any) -> bytes:
+    """One item of a stream as a server-sent event: `data: <item as JSON>`."""
+    return b"data: " + _item_json(item) + b"\n\n"
+
+
+def stream_error(error: HTTPError, events: bool) -> bytes:
+    """The last chunk of a stream that failed after its first item (the status was sent already): the error's
+    JSON body as a last line `{"error": {...}}`, or as an `event: error`."""
+    return b"event: error\ndata: " + error.body() + b"\n\n" if events else error.body() + b"\n"
 
 
 def predict_arrow(model: Any, body: bytes, interface: Interface) -> bytes:

@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -23,9 +23,9 @@ import numpy as np
 import ray
 from ray import serve
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
-from tenfold.packaging import ValueSpec, _values
+from tenfold.packaging import ModelStream, ValueSpec, _values
 from tenfold.runtime import (
     InterpreterLost,
     InterpreterPool,
@@ -141,6 +141,10 @@ class TenfoldModel:
         """HTTP requests (a starlette Request) and handle calls (the model's inputs, by position or by name)."""
         if len(inputs) == 1 and not named and isinstance(inputs[0], Request):
             return await self._http(inputs[0])
+        if self._interface.streams:
+            # An async generator: Serve iterates it for `handle.options(stream=True)`, and tells any other
+            # caller to ask for a stream.
+            return self._handle_stream(self._positional(inputs, named))
         t0 = time.perf_counter()
         status = 200
         try:
@@ -323,6 +327,42 @@ class TenfoldModel:
             raise codec.InvalidInput(f"inputs by name must be exactly {names}; missing {missing}, unexpected {extra}")
         return [*inputs, *(named[n] for n in rest)]
 
+    async def _handle_stream(self, inputs: list[Any]) -> AsyncIterator[Any]:
+        """The items of a streaming model's call, as Python values, each as soon as the model yields it."""
+        t0 = time.perf_counter()
+        status = 200
+        try:
+            try:
+                stream = self._model.stream(*inputs)
+            except ValueError as exc:  # the inputs do not fit the model's signature
+                raise codec.InvalidInput(str(exc)) from None
+            async for item in self._items(stream):
+                yield item
+        except BaseException as exc:
+            status = (_CANCELLED if isinstance(exc, asyncio.CancelledError | GeneratorExit) else
+                      routes.classify(exc).status)
+            raise
+        finally:
+            self._metrics.observe_request("handle", time.perf_counter() - t0, status)
+
+    async def _items(self, stream: ModelStream) -> AsyncGenerator[Any, None]:
+        """Pull `stream`'s items from its interpreter one at a time; request_timeout_s bounds the wait for each.
+        Closed (in its interpreter) however this ends; a pull still running when the caller goes is interrupted,
+        so that the interpreter is free at once."""
+        pending = None
+        try:
+            while True:
+                pending = stream.next()
+                done, item = await self._outcome(asyncio.wrap_future(pending), pending)
+                pending = None
+                if done:
+                    return
+                yield item
+        finally:
+            if pending is not None and not pending.done():
+                asyncio.get_running_loop().run_in_executor(None, self._interrupt, pending)
+            stream.close()
+
     async def _infer(self, inputs: list[Any]) -> Any:
         if self._batched is None:
             try:
@@ -467,6 +507,8 @@ class TenfoldModel:
     async def _predict(self, request: Request) -> Response:
         media = routes.media_type(request.headers.get("content-type"), self._interface)
         body = await _read_body(request, self._args.max_request_bytes)
+        if self._interface.streams:
+            return await self._stream_response(request, body)
         if self._batched is not None and self._batches_values:  # JSON only (media_type refuses Arrow for values)
             return Response(codec.encode_value(await self._infer(codec.parse_inputs(body, self._interface.inputs))),
                             media_type=codec.JSON_TYPE)
@@ -484,6 +526,43 @@ class TenfoldModel:
         if media == codec.ARROW_TYPE:
             return Response(codec.encode_arrow(outputs, self._interface.outputs), media_type=codec.ARROW_TYPE)
         return Response(codec.encode_json(outputs), media_type=codec.JSON_TYPE)
+
+
+    async def _stream_response(self, request: Request, body: bytes) -> Response:
+        """A streaming model's answer: newline-delimited JSON, or server-sent events when the client accepts
+        them. The first item is awaited before the status is sent, so that bad inputs and a model that fails at
+        once get their 4xx or 5xx; an error past it ends the stream with an error line or event."""
+        events = routes.wants_events(request.headers.get("accept"))
+        # Decoding, validation, the model's steps and each item's encoding all happen in one interpreter.
+        stream = self._model.open_stream(codec.open_json, body, self._interface,
+                                         encode=codec.encode_event if events else codec.encode_line)
+        items = self._items(stream)
+        try:
+            first = await anext(items, None)
+        except BaseException:
+            await items.aclose()
+            raise
+        media = codec.EVENT_STREAM_TYPE if events else codec.NDJSON_TYPE
+        return StreamingResponse(_chunks(first, items, events), media_type=media,
+                                 headers={"cache-control": "no-cache"})
+
+
+async def _chunks(first: bytes | None, items: AsyncGenerator[bytes, None], events: bool) -> AsyncIterator[bytes]:
+    """A stream's body: its first item, then the others as they come, then an error chunk if it failed."""
+    try:
+        if first is None:
+            return
+        yield first
+        async for chunk in items:
+            yield chunk
+    except Exception as exc:  # noqa: BLE001 - the status is sent: the error becomes the stream's last chunk
+        error = routes.classify(exc)
+        if error.status >= 500 and not isinstance(exc, codec.HTTPError | RequestTimeout) and \
+                remote_traceback(exc) is None:
+            _logger.exception("a stream failed")  # ours, not the caller's nor the model's
+        yield codec.stream_error(error, events)
+    finally:
+        await items.aclose()
 
 
 class _Failed:

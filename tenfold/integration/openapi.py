@@ -79,13 +79,24 @@ def document(manifest: Manifest, *, title: str | None = None, sha256: str | None
              "additionalProperties": False, "description": "by parameter name"},
         ]}},
     }
-    if manifest.output_structure == "value" and isinstance(manifest.outputs[0], ValueSpec):
+    if manifest.streams and isinstance(manifest.outputs[0], ValueSpec):
+        item = _schema(manifest.outputs[0], defs)
+        # OpenAPI 3.1 has no schema for a stream as a whole: each line (or event's data) is one item.
+        streamed = {"schema": {"type": "string", "description": "one item per line (or per event's data), as JSON"},
+                    "itemSchema": item}
+        ok = {"description": "the items the model yields, each sent as soon as it is produced: newline-delimited "
+                             f"JSON, or server-sent events with Accept: {codec.EVENT_STREAM_TYPE}. An error after "
+                             'the first item ends the stream with {"error": {...}} (an event named error)',
+              "content": {codec.NDJSON_TYPE: streamed, codec.EVENT_STREAM_TYPE: streamed}}
+    elif manifest.output_structure == "value" and isinstance(manifest.outputs[0], ValueSpec):
         outputs = _schema(manifest.outputs[0], defs)
     else:
         outs = [_schema(s, defs) for s in manifest.outputs]
         outputs = {"type": "array", "prefixItems": outs, "minItems": len(outs), "maxItems": len(outs),
                    "description": "one entry per output, in order"}
-    response = {"type": "object", "required": ["outputs"], "properties": {"outputs": outputs}}
+    if not manifest.streams:
+        response = {"type": "object", "required": ["outputs"], "properties": {"outputs": outputs}}
+        ok = {"description": "the model's outputs", "content": {codec.JSON_TYPE: {"schema": response}}}
     error = {"$ref": "#/components/schemas/Error"}
 
     def errors(*statuses: int) -> dict[str, Any]:
@@ -97,7 +108,7 @@ def document(manifest: Manifest, *, title: str | None = None, sha256: str | None
         "operationId": "predict",
         "requestBody": {"required": True, "content": {codec.JSON_TYPE: {"schema": request}}},
         "responses": {
-            "200": {"description": "the model's outputs", "content": {codec.JSON_TYPE: {"schema": response}}},
+            "200": ok,
             **errors(400, 413, 415, 422, 500, 503, 504),
         },
     }

@@ -53,6 +53,12 @@ def media_type(content_type: str | None, interface: codec.Interface) -> str:
     return media
 
 
+def wants_events(accept: str | None) -> bool:
+    """Whether a streaming request asks for server-sent events (Accept: text/event-stream) rather than
+    newline-delimited JSON."""
+    return accept is not None and codec.EVENT_STREAM_TYPE in accept.lower()
+
+
 def check_declared_length(content_length: str | None, limit: int) -> None:
     """413 for a declared body over `limit` bytes, before any of it is read; 400 for a Content-Length
     that is not a number."""

@@ -26,6 +26,7 @@ from .errors import (
 from .manifest import Manifest, ReferenceCheck, Spec, TensorSpec, ValueSpec
 from .reader import load, read_example_inputs
 from .replicated import ReplicatedModel, replicate
+from .streaming import ModelStream, StreamClosed
 from .writer import repackage, save
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "EntryPointMissing",
     "ExternMissing",
     "Manifest",
+    "ModelStream",
     "ManifestInvalid",
     "ManifestMissing",
     "NotAnArchive",
@@ -48,6 +50,7 @@ __all__ = [
     "SharedWeightWrite",
     "Source",
     "Spec",
+    "StreamClosed",
     "TensorSpec",
     "TorchVersionWarning",
     "ValueSpec",

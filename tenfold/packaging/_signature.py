@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 from . import _arrays, _values
@@ -171,6 +171,29 @@ def output_specs(model: Any, output: Any, inputs: list[Spec], values: Sequence[A
         for name, t in tensors
     ]
     return structure, specs
+
+
+def is_stream(output: Any) -> bool:
+    """Whether a call's result is an iterator (a generator, say): its items are the answer, served as they come."""
+    return isinstance(output, Iterator) and not _is_tensor(output)
+
+
+def stream_specs(model: Any, items: Sequence[Any]) -> tuple[Structure, list[Spec]]:
+    """("stream", [spec of one item]): from the return hint's item type (Iterator[X], Generator[X, ...],
+    Iterable[X]) where there is one, else from the first item the example yielded."""
+    if not items:
+        raise ValueError("the model's iterator yielded nothing on example_inputs; give example inputs for which it "
+                         "yields at least one item")
+    hint = hints(model).get("return")
+    origin = typing.get_origin(hint)
+    item_hint = typing.get_args(hint)[0] if origin in _ITERATORS and typing.get_args(hint) else None
+    if item_hint is None and (_is_tensor(items[0]) or _values._is_array(items[0])):
+        raise TypeError("a streaming model yields Python values (str, numbers, lists, dicts, pydantic models...), "
+                        f"not {type(items[0]).__name__}; yield item.tolist() instead")
+    return "stream", [_value_spec("output", items[0], item_hint)]
+
+
+_ITERATORS = {Iterator, Iterable, Generator, typing.Iterator, typing.Iterable, typing.Generator}
 
 
 def _tensor_outputs(output: Any) -> tuple[Structure, list[tuple[str, Any]]] | None:

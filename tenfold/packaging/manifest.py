@@ -51,7 +51,7 @@ class ValueSpec(BaseModel):
 
 
 Spec = TensorSpec | ValueSpec
-Structure = Literal["tensor", "tuple", "list", "dict", "value"]
+Structure = Literal["tensor", "tuple", "list", "dict", "value", "stream"]
 
 
 class ReferenceCheck(BaseModel):
@@ -69,9 +69,11 @@ class Manifest(BaseModel):
     name: str = Field(description="model name")
     entry: str = Field(description='archive resource holding the pickled model, e.g. "model/model.pkl"')
     inputs: list[Spec] = Field(description="positional inputs of the model's call, in order")
-    outputs: list[Spec] = Field(description="output tensors, flattened in order; or one value")
+    outputs: list[Spec] = Field(description="output tensors, flattened in order; or one value; or, for a stream, "
+                                            "one item")
     output_structure: Structure = Field(
-        description="how the outputs are arranged: one tensor, a tuple, a list or a dict of tensors, or any value"
+        description="how the outputs are arranged: one tensor, a tuple, a list or a dict of tensors, any value, "
+        "or a stream (the call returns an iterator, and each item it yields is one value)"
     )
     torch_version: str
     python_version: str
@@ -96,13 +98,19 @@ class Manifest(BaseModel):
     @property
     def takes_values(self) -> bool:
         """True if any input or the output is a Python value rather than tensors."""
-        return self.output_structure == "value" or any(isinstance(s, ValueSpec) for s in self.inputs)
+        return self.output_structure in ("value", "stream") or any(isinstance(s, ValueSpec) for s in self.inputs)
+
+    @property
+    def streams(self) -> bool:
+        """True if the call returns an iterator whose items are served as they are produced."""
+        return self.output_structure == "stream"
 
     def signature(self) -> str:
         """'(tokens: int64[?, ?]) -> (output: float32[?, 12])', or '(texts: list[str]) -> list[list[float]]'"""
         ins = ", ".join(s.describe() for s in self.inputs)
-        if self.output_structure == "value":
-            return f"({ins}) -> {self.outputs[0].type if isinstance(self.outputs[0], ValueSpec) else '?'}"
+        if self.output_structure in ("value", "stream"):
+            out = self.outputs[0].type if isinstance(self.outputs[0], ValueSpec) else "?"
+            return f"({ins}) -> {f'Iterator[{out}]' if self.streams else out}"
         outs = ", ".join(s.describe() for s in self.outputs)
         return f"({ins}) -> ({outs})"
 

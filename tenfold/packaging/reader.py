@@ -120,6 +120,8 @@ def check_reference(archive: Archive, model: Any) -> None:
     signature = manifest.signature()
     with torch.no_grad():
         output = model(*_signature.prepare_inputs(model, manifest.inputs, stored["inputs"], signature))
+        if manifest.streams:
+            output = list(output)
     _, got = _signature.flatten_output(output)
     _, want = _signature.flatten_output(stored["output"])
     if len(got) != len(want):

@@ -23,6 +23,8 @@ from .reader import is_shared_write, unpickle
 if TYPE_CHECKING:
     from tenfold.runtime import InterpreterPool
 
+    from .streaming import ModelStream
+
 # Host side: buffers that interpreters' models point into, by model id. Dropped only by close(), so a
 # ReplicatedModel collected without close() leaks its buffer rather than leaving dangling views.
 _host_buffers: dict[str, Any] = {}
@@ -101,10 +103,31 @@ class ReplicatedModel:
                 "hold the archive's values; close it and replicate the archive again (with copy_weights=True)",
             ) from self._poisoned
 
+    def stream(self, *inputs: Any) -> ModelStream:
+        """Run a streaming model (its call returns an iterator) on `inputs` in the next free interpreter: its
+        items, pulled one at a time from that interpreter as the model yields them. Inputs are checked as by
+        `submit`."""
+        self.check_inputs(inputs)
+        return self.open_stream(_call_checked, self._id, *inputs)
+
+    def open_stream(self, fn: Callable[..., Any], /, *args: Any, encode: Callable[[Any], Any] | None = None
+                    ) -> ModelStream:
+        """Run `fn(model, *args)`, which returns an iterator, in the next free interpreter, as `apply` runs
+        `fn`; the iterator stays there and its items are pulled one at a time (each passed through `encode`
+        there first, if given: e.g. to JSON)."""
+        from .streaming import open_stream
+
+        self._check_usable()
+        return open_stream(self, fn, args, encode)
+
     def _submit(self, runner: Callable[..., Any], payload: tuple[Any, ...]) -> Future:
+        return self._submit_to(None, runner, payload)
+
+    def _submit_to(self, index: int | None, runner: Callable[..., Any], payload: tuple[Any, ...]) -> Future:
         self._check_usable()
         outer: Future = Future()
-        inner = self._pool.submit(runner, self._id, payload)
+        inner = (self._pool.submit(runner, self._id, payload) if index is None else
+                 self._pool.submit_to(index, runner, self._id, payload))
         self._calls[outer] = inner
         inner.add_done_callback(lambda f: self._settle(outer, f))
         return outer
@@ -231,6 +254,11 @@ def _call(model: Any, *inputs: Any) -> Any:
     return model(*inputs)
 
 
+def _call_checked(model: Any, model_id: str, *inputs: Any) -> Any:
+    loaded = _loaded(model_id)
+    return model(*_signature.prepare_inputs(model, loaded.inputs, inputs, loaded.signature))
+
+
 def _loaded(model_id: str) -> _Loaded:
     loaded = _models.get(model_id)
     if loaded is None:
@@ -263,4 +291,7 @@ def apply_loaded(model_id: str, fn: Callable[..., Any], /, *args: Any) -> Any:
 
 
 def _drop(model_id: str) -> bool:
+    from .streaming import close_model_streams
+
+    close_model_streams(model_id)
     return _models.pop(model_id, None) is not None

@@ -205,6 +205,9 @@ def _save(
     try:
         with torch.no_grad(), _dependencies.recording_imports() as ran:
             output = model(*call_inputs)
+            streams = _signature.is_stream(output)
+            if streams:  # a generator runs as it is read: its items are the example's output
+                output = list(output)
     except Exception as exc:
         raise PackagingFailed(label, f"the model failed on example_inputs ({type(exc).__name__}: {exc}); "
                                      "fix the model or the example inputs") from exc
@@ -218,7 +221,8 @@ def _save(
             stacklevel=3,
         )
     try:
-        structure, out_specs = _signature.output_specs(model, output, specs, call_inputs)
+        structure, out_specs = (_signature.stream_specs(model, output) if streams else
+                                _signature.output_specs(model, output, specs, call_inputs))
         stored_output = _storable(output)
     except (TypeError, ValueError) as exc:
         raise PackagingFailed(label, f"the model's output cannot be described: {exc}") from None

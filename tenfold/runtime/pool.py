@@ -208,14 +208,23 @@ class InterpreterPool(Executor):
         """Schedule `fn(*args, **kwargs)` on an idle interpreter, else the one with the shortest queue."""
         with self._lock:
             self._check_open()
-            live = [s for s in self._slots if not s.lost]
-            if not live:
-                raise BrokenInterpreterPool("every interpreter of this pool was lost")
-            # A call being interrupted may hold its interpreter for the whole grace period: queue elsewhere.
-            live = [s for s in live if not s.interrupting] or live
-            start = self._next = (self._next + 1) % len(live)
-            slot = min(live[start:] + live[:start], key=lambda s: s.pending)
-            return self._enqueue(slot, fn, args, kwargs)
+            return self._enqueue(self._choose(), fn, args, kwargs)
+
+    def next_index(self) -> int:
+        """The interpreter `submit` would schedule a call on now: for a caller that sends several calls to one
+        interpreter (`submit_to`), e.g. to pull the items of an iterator that lives there."""
+        with self._lock:
+            self._check_open()
+            return self._choose().index
+
+    def _choose(self) -> _Slot:
+        live = [s for s in self._slots if not s.lost]
+        if not live:
+            raise BrokenInterpreterPool("every interpreter of this pool was lost")
+        # A call being interrupted may hold its interpreter for the whole grace period: queue elsewhere.
+        live = [s for s in live if not s.interrupting] or live
+        start = self._next = (self._next + 1) % len(live)
+        return min(live[start:] + live[:start], key=lambda s: s.pending)
 
     def broadcast(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> list[Any]:
         """Run `fn(*args, **kwargs)` once in every interpreter; results in interpreter order."""
