@@ -543,17 +543,33 @@ class TenfoldModel:
             await items.aclose()
             raise
         media = codec.EVENT_STREAM_TYPE if events else codec.NDJSON_TYPE
-        return StreamingResponse(_chunks(first, items, events), media_type=media,
+        return StreamingResponse(_chunks(first, items, events, request), media_type=media,
                                  headers={"cache-control": "no-cache"})
 
 
-async def _chunks(first: bytes | None, items: AsyncGenerator[bytes, None], events: bool) -> AsyncIterator[bytes]:
-    """A stream's body: its first item, then the others as they come, then an error chunk if it failed."""
+async def _chunks(first: bytes | None, items: AsyncGenerator[bytes, None], events: bool,
+                  request: Request) -> AsyncIterator[bytes]:
+    """A stream's body: its first item, then the others as they come, then an error chunk if it failed. A client
+    that hangs up stops it at once, also while an item is awaited: the pull in progress is cancelled, and
+    `items` interrupts it and closes the generator in its interpreter."""
+    gone = asyncio.ensure_future(_disconnected(request))
+    step: asyncio.Future | None = None
     try:
         if first is None:
             return
         yield first
-        async for chunk in items:
+        while True:
+            step = asyncio.ensure_future(anext(items))
+            await asyncio.wait((step, gone), return_when=asyncio.FIRST_COMPLETED)
+            if not step.done():
+                step.cancel()
+                with contextlib.suppress(BaseException):
+                    await step
+                return
+            try:
+                chunk = step.result()
+            except StopAsyncIteration:
+                return
             yield chunk
     except Exception as exc:  # noqa: BLE001 - the status is sent: the error becomes the stream's last chunk
         error = routes.classify(exc)
@@ -562,7 +578,18 @@ async def _chunks(first: bytes | None, items: AsyncGenerator[bytes, None], event
             _logger.exception("a stream failed")  # ours, not the caller's nor the model's
         yield codec.stream_error(error, events)
     finally:
+        gone.cancel()
+        if step is not None and not step.done():  # this was cancelled (Serve's caller went) while an item was awaited
+            step.cancel()
+            with contextlib.suppress(BaseException):
+                await step
         await items.aclose()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has hung up (Serve delivers http.disconnect as an ASGI message)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 class _Failed:
