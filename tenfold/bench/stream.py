@@ -61,10 +61,10 @@ def _deploy(archive: Path, port: int) -> None:
 
     from tenfold.integration import app_builder
 
-    serve.run(app_builder({"archive": str(archive), "interpreters": 2, "num_cpus": 0, "http_port": port,
+    serve.run(app_builder({"archive": str(archive), "interpreters": 2, "num_cpus": 0.5, "http_port": port,
                            "http_host": "127.0.0.1", "request_timeout_s": 60}),
               name="tenfold", route_prefix="/tenfold")
-    plain = serve.deployment(PlainStream, name="plain", num_replicas=2, ray_actor_options={"num_cpus": 0},
+    plain = serve.deployment(PlainStream, name="plain", num_replicas=2, ray_actor_options={"num_cpus": 0.25},
                              max_ongoing_requests=8)
     serve.run(plain.bind(str(archive)), name="plain", route_prefix="/plain")
 
