@@ -14,7 +14,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
-from . import _signature
+from . import _signature, streaming
 from .archive import Archive, Source, open_source
 from .errors import SharedWeightWrite
 from .manifest import Manifest
@@ -22,8 +22,6 @@ from .reader import is_shared_write, unpickle
 
 if TYPE_CHECKING:
     from tenfold.runtime import InterpreterPool
-
-    from .streaming import ModelStream
 
 # Host side: buffers that interpreters' models point into, by model id. Dropped only by close(), so a
 # ReplicatedModel collected without close() leaks its buffer rather than leaving dangling views.
@@ -103,7 +101,7 @@ class ReplicatedModel:
                 "hold the archive's values; close it and replicate the archive again (with copy_weights=True)",
             ) from self._poisoned
 
-    def stream(self, *inputs: Any) -> ModelStream:
+    def stream(self, *inputs: Any) -> streaming.ModelStream:
         """Run a streaming model (its call returns an iterator) on `inputs` in the next free interpreter: its
         items, pulled one at a time from that interpreter as the model yields them. Inputs are checked as by
         `submit`."""
@@ -111,14 +109,17 @@ class ReplicatedModel:
         return self.open_stream(_call_checked, self._id, *inputs)
 
     def open_stream(self, fn: Callable[..., Any], /, *args: Any, encode: Callable[[Any], Any] | None = None
-                    ) -> ModelStream:
+                    ) -> streaming.ModelStream:
         """Run `fn(model, *args)`, which returns an iterator, in the next free interpreter, as `apply` runs
         `fn`; the iterator stays there and its items are pulled one at a time (each passed through `encode`
         there first, if given: e.g. to JSON)."""
-        from .streaming import open_stream
-
         self._check_usable()
-        return open_stream(self, fn, args, encode)
+        return streaming.open_stream(self, fn, args, encode)
+
+    @property
+    def _runner(self) -> Callable[[str, tuple[Callable[..., Any], tuple[Any, ...]]], Any]:
+        """What runs `fn(model, *args)` in an interpreter, with the model as loaded there (see `apply`)."""
+        return _apply
 
     def _submit(self, runner: Callable[..., Any], payload: tuple[Any, ...]) -> Future:
         return self._submit_to(None, runner, payload)
@@ -291,7 +292,5 @@ def apply_loaded(model_id: str, fn: Callable[..., Any], /, *args: Any) -> Any:
 
 
 def _drop(model_id: str) -> bool:
-    from .streaming import close_model_streams
-
-    close_model_streams(model_id)
+    streaming.close_model_streams(model_id)
     return _models.pop(model_id, None) is not None

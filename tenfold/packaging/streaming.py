@@ -14,13 +14,9 @@ import uuid
 import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import _signature
-from .replicated import _apply
-
-if TYPE_CHECKING:
-    from .replicated import ReplicatedModel
 
 
 class StreamClosed(RuntimeError):
@@ -35,7 +31,7 @@ class ModelStream:
     them, or encoded in the interpreter by the `encode` function given to `ReplicatedModel.open_stream`.
     """
 
-    def __init__(self, model: ReplicatedModel, index: int, stream_id: str, first: Future) -> None:
+    def __init__(self, model: Any, index: int, stream_id: str, first: Future) -> None:
         self._model = model
         self.interpreter = index
         self._id = stream_id
@@ -57,7 +53,8 @@ class ModelStream:
             done: Future = Future()
             done.set_result((True, None))
             return done
-        return self._model._submit_to(self.interpreter, _pull, (self._id,))
+        # Run through the model's own runner (torch.no_grad, writes to shared weights caught), as a call is.
+        return self._model._submit_to(self.interpreter, self._model._runner, (_pull, (self._id,)))
 
     def interrupt(self, future: Future, *, grace_s: float = 1.0) -> bool:
         """Stop the pull behind `future` (past a deadline, or its caller gone): see `ReplicatedModel.interrupt`."""
@@ -85,17 +82,17 @@ class ModelStream:
         self.close()
 
 
-def open_stream(model: ReplicatedModel, fn: Callable[..., Any], args: tuple[Any, ...],
+def open_stream(model: Any, fn: Callable[..., Any], args: tuple[Any, ...],
                 encode: Callable[[Any], Any] | None) -> ModelStream:
-    """Run `fn(model, *args)` in the next free interpreter and keep the iterator it returns there; the first
-    item is pulled at once, in the same call."""
+    """Run `fn(loaded model, *args)` in the next free interpreter of `model` (a ReplicatedModel) and keep the
+    iterator it returns there; the first item is pulled at once, in the same call."""
     index = model._pool.next_index()
     stream_id = uuid.uuid4().hex
-    first = model._submit_to(index, _open, (stream_id, fn, args, encode))
+    first = model._submit_to(index, model._runner, (_open, (stream_id, model.model_id, fn, args, encode)))
     return ModelStream(model, index, stream_id, first)
 
 
-def _close_in(model: ReplicatedModel, index: int, stream_id: str) -> None:
+def _close_in(model: Any, index: int, stream_id: str) -> None:
     try:
         model._pool.submit_to(index, _close, stream_id)
     except Exception:  # noqa: BLE001 - the pool is shut down or the interpreter lost: the stream is gone with it
@@ -108,28 +105,26 @@ def _close_in(model: ReplicatedModel, index: int, stream_id: str) -> None:
 _streams: dict[str, tuple[str, Iterator[Any], Callable[[Any], Any] | None]] = {}
 
 
-def _open(model_id: str, call: tuple[str, Callable[..., Any], tuple[Any, ...], Callable[[Any], Any] | None]) -> Any:
-    stream_id, fn, args, encode = call
-    result = _apply(model_id, (fn, args))
+# Both run as `fn(model, *args)` through the model's runner (see `ReplicatedModel._runner`).
+
+
+def _open(model: Any, stream_id: str, model_id: str, fn: Callable[..., Any], args: tuple[Any, ...],
+          encode: Callable[[Any], Any] | None) -> tuple[bool, Any]:
+    result = fn(model, *args)
     if not _signature.is_stream(result):
         raise TypeError(f"a streaming call must return an iterator (a generator, say), not a {type(result).__name__}")
     _streams[stream_id] = (model_id, result, encode)
-    return _advance(model_id, stream_id)
+    return _pull(model, stream_id)
 
 
-def _pull(model_id: str, call: tuple[str]) -> tuple[bool, Any]:
-    return _advance(model_id, call[0])
-
-
-def _advance(model_id: str, stream_id: str) -> tuple[bool, Any]:
+def _pull(model: Any, stream_id: str) -> tuple[bool, Any]:
     entry = _streams.get(stream_id)
     if entry is None:
         raise StreamClosed(f"stream {stream_id} is not open in this interpreter: it ended or was closed, or the "
                            "interpreter that held it was lost")
     _, iterator, encode = entry
     try:
-        # Each step under torch.no_grad, with writes to shared weights caught, as a whole call is.
-        item = _apply(model_id, (_step, (iterator,)))
+        item = next(iterator, _END)
     except BaseException:
         _streams.pop(stream_id, None)  # a generator that raised is finished
         raise
@@ -140,10 +135,6 @@ def _advance(model_id: str, stream_id: str) -> tuple[bool, Any]:
 
 
 _END = object()
-
-
-def _step(model: Any, iterator: Iterator[Any]) -> Any:
-    return next(iterator, _END)
 
 
 def _close(stream_id: str) -> bool:
