@@ -113,14 +113,17 @@ def address() -> int:
 def read_snapshot(addr: int) -> bytes:
     """The replica's latest stats (JSON), from the host's seqlocked buffer: [seq, size, bytes...]."""
     header = (ctypes.c_int64 * 2).from_address(addr)
-    for _ in range(100):
+    # The host's thread may be descheduled in the middle of a write on a loaded machine: wait for it a while.
+    deadline = time.monotonic() + 0.5
+    while True:
         seq = header[0]
         if seq % 2 == 0:
             data = ctypes.string_at(addr + 16, header[1])
             if header[0] == seq:
                 return data
-        time.sleep(0)
-    return b"{}"
+        if time.monotonic() > deadline:
+            return b'{"error": "the replica\'s figures were being written; ask again"}'
+        time.sleep(0.0005)
 
 
 class _Server:
