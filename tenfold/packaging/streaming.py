@@ -152,8 +152,3 @@ def close_model_streams(model_id: str) -> None:
     for stream_id in [s for s, (m, _, _) in _streams.items() if m == model_id]:
         _close(stream_id)
 
-
-def streams_open() -> int:
-    """How many streams this interpreter holds open."""
-    return len(_streams)
-
