@@ -197,6 +197,26 @@ class InterpreterPool(Executor):
             raise
         return token
 
+    def add_rolling_setup(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> int:
+        """As `add_setup`, but one interpreter at a time, each after the calls already queued there: the others
+        keep taking calls meanwhile (e.g. a model loaded into a pool that is serving). An interpreter lost meanwhile
+        is skipped (its replacement runs every setup); if `fn` fails anywhere, nothing is kept and the exception is
+        raised (it is not undone where it ran)."""
+        with self._lock:
+            token = next(self._setup_tokens)
+            self._setups[token] = (fn, args, kwargs)
+            indices = [s.index for s in self._slots if not s.lost]
+        try:
+            for index in indices:
+                try:
+                    self.submit_to(index, fn, *args, **kwargs).result()
+                except InterpreterLost:
+                    continue
+        except BaseException:
+            self.remove_setup(token)
+            raise
+        return token
+
     def remove_setup(self, token: int) -> None:
         """Stop running a setup function in replacement interpreters (it is not undone where it ran)."""
         with self._lock:

@@ -745,3 +745,27 @@ def test_a_tensor_made_only_while_pickling_the_result_comes_back_intact(ns_pool)
 
     for _ in range(20):
         assert torch.equal(ns_pool.submit(funcs.ephemeral_tensor).result(), torch.arange(1000, dtype=torch.float32))
+
+
+def test_a_rolling_setup_runs_in_one_interpreter_at_a_time_while_the_others_take_calls(ns_pool):
+    r, w = os.pipe()
+    tokens = []
+    try:
+        # Each interpreter's setup blocks until a byte arrives: run in all at once (add_setup), none could answer.
+        rolling = threading.Thread(target=lambda: tokens.append(ns_pool.add_rolling_setup(funcs.read_byte, r)),
+                                   daemon=True)
+        rolling.start()
+        for index in range(ns_pool.size):
+            wait_for(lambda i=index: [s.queue_depth for s in ns_pool.stats().interpreters] ==
+                     [int(j == i) for j in range(ns_pool.size)], 30, f"the setup to run in interpreter {index} alone")
+            wait_blocked_reading(r)
+            # The others take calls meanwhile.
+            assert ns_pool.submit(funcs.echo, index).result(timeout=30) == index
+            os.write(w, b"x")
+        rolling.join(30)
+        assert not rolling.is_alive() and len(tokens) == 1
+    finally:
+        for token in tokens:
+            ns_pool.remove_setup(token)
+        os.close(r)
+        os.close(w)
