@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import uuid
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
@@ -54,6 +55,7 @@ class ReplicatedModel:
         self._poisoned: SharedWeightWrite | None = None
         self._lock = threading.Lock()
         self._calls: dict[Future, Future] = {}  # ours -> the pool's, while the call is not settled
+        self._streams: weakref.WeakSet[streaming.ModelStream] = weakref.WeakSet()
         self.manifest = manifest
         self._signature = manifest.signature()
 
@@ -61,6 +63,12 @@ class ReplicatedModel:
     def model_id(self) -> str:
         """The id this model is loaded under in every interpreter (see `apply_loaded`)."""
         return self._id
+
+    @property
+    def in_use(self) -> int:
+        """Calls submitted to this model and not yet settled, and its streams not yet closed: what must end
+        before `close()` takes nothing from anyone."""
+        return len(self._calls) + sum(1 for s in list(self._streams) if not s.closed)
 
     def check_inputs(self, inputs: tuple[Any, ...] | list[Any]) -> None:
         """Raise ValueError naming the first input that surely does not match the manifest's signature (count,
@@ -114,7 +122,9 @@ class ReplicatedModel:
         `fn`; the iterator stays there and its items are pulled one at a time (each passed through `encode`
         there first, if given: e.g. to JSON)."""
         self._check_usable()
-        return streaming.open_stream(self, fn, args, encode)
+        stream = streaming.open_stream(self, fn, args, encode)
+        self._streams.add(stream)
+        return stream
 
     @property
     def _runner(self) -> Callable[[str, tuple[Callable[..., Any], tuple[Any, ...]]], Any]:
@@ -194,6 +204,7 @@ def replicate(
     sha256: str | None = None,
     copy_weights: bool = False,
     strict_requirements: bool = False,
+    rolling: bool = False,
 ) -> ReplicatedModel:
     """Load the archive at `source` (a path or a bytes-like buffer) into every interpreter of `pool`.
 
@@ -201,7 +212,8 @@ def replicate(
     loads it from the same buffer, with its weights as views into that buffer: one copy of the weights
     per process, however many interpreters serve it. `copy_weights=True` gives every interpreter a
     private copy instead (for models that write into their weights). The archive's requirements are
-    checked as by `load` (`strict_requirements` turns a version difference into an error).
+    checked as by `load` (`strict_requirements` turns a version difference into an error). `rolling=True` loads
+    it into one interpreter at a time, so that a pool that is serving keeps its other interpreters taking calls.
     """
     import pickle
 
@@ -214,7 +226,8 @@ def replicate(
         _host_buffers[model_id] = view
     try:
         # A setup, not a broadcast: an interpreter that replaces a lost one loads the model too.
-        setup = pool.add_setup(_load, model_id, pickle.PickleBuffer(view), label, copy_weights)
+        add = pool.add_rolling_setup if rolling else pool.add_setup
+        setup = add(_load, model_id, pickle.PickleBuffer(view), label, copy_weights)
     except BaseException:
         try:
             pool.broadcast(_drop, model_id)

@@ -60,6 +60,11 @@ class ModelStream:
         """Stop the pull behind `future` (past a deadline, or its caller gone): see `ReplicatedModel.interrupt`."""
         return self._model.interrupt(future, grace_s=grace_s)
 
+    @property
+    def closed(self) -> bool:
+        """Whether `close()` was called (or the stream collected)."""
+        return not self._finalizer.alive
+
     def close(self) -> None:
         """Close the iterator in its interpreter (queued behind a pull in progress). Safe to call twice."""
         self._done = True
