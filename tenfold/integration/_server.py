@@ -84,7 +84,13 @@ _server: dict[str, Any] = {}
 
 def start(fd: int, settings: Settings) -> int:
     """Start serving on listening socket `fd` (shared with the host and the other interpreters); returns the
-    address of this server's counter block once it accepts connections."""
+    address of this server's counter block once it accepts connections. A server of the same data plane that is
+    serving already takes `settings` in place (a model update): the requests it has begun end on the model they
+    began on, and the next ones go to the new one."""
+    current = _server.get("current")
+    if current is not None and current.settings.snapshot == settings.snapshot and current.thread.is_alive():
+        current.settings = settings  # one store under this interpreter's GIL: each request reads it once
+        return ctypes.addressof(current.block)
     stop(settings.drain_timeout_s)  # a parked interpreter taken by a new pool may still serve the old one
     block = (ctypes.c_int64 * FIELDS)()
     _blocks.append(block)
@@ -108,6 +114,13 @@ def address() -> int:
     """The counter block of the server running in this interpreter (0 when none)."""
     server = _server.get("current")
     return 0 if server is None else ctypes.addressof(server.block)
+
+
+def requests_on(model_id: str) -> int:
+    """Requests of this interpreter's server that began on model `model_id` and are not yet answered (a stream's
+    until its last item)."""
+    server = _server.get("current")
+    return 0 if server is None else server.begun.get(model_id, 0)
 
 
 def read_snapshot(addr: int) -> bytes:
@@ -135,6 +148,7 @@ class _Server:
         from tenfold.packaging.replicated import apply_loaded
 
         self.settings, self.block, self._apply = settings, block, apply_loaded
+        self.begun: dict[str, int] = {}  # model id -> requests begun on it and not yet answered
         self._interrupt_lock = threading.Lock()
         self._interrupted = 0  # SEQ of the call the watchdog raised TimeoutError in
         self._serving_thread = 0
@@ -227,10 +241,18 @@ class _Server:
     async def app(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
+        settings = self.settings  # read once: a model update in between leaves this request on one model
+        self.begun[settings.model_id] = self.begun.get(settings.model_id, 0) + 1
+        try:
+            await self._respond(settings, scope, receive, send)
+        finally:
+            self.begun[settings.model_id] -= 1
+
+    async def _respond(self, settings: Settings, scope: dict[str, Any], receive: Any, send: Any) -> None:
         t0 = time.perf_counter()
         block = self.block
         try:
-            status, headers, body = await self._answer(scope, receive)
+            status, headers, body = await self._answer(settings, scope, receive)
         except Exception as exc:  # noqa: BLE001 - every failure is answered, and the server goes on
             if not isinstance(exc, codec.HTTPError):
                 _logger.exception("request failed")  # ours, not the caller's nor the model's
@@ -270,7 +292,7 @@ class _Server:
                 if gone.done():
                     return
                 try:
-                    chunk = self._call(_step, stream.iterator, stream.encode)
+                    chunk = self._call(stream.settings, _step, stream.iterator, stream.encode)
                 except codec.HTTPError as error:  # the model's, or past request_timeout_s: the status is sent
                     await send({"type": "http.response.body", "body": codec.stream_error(error, stream.events),
                                 "more_body": True})
@@ -279,13 +301,13 @@ class _Server:
         finally:
             gone.cancel()
             with contextlib.suppress(Exception):  # a generator that fails as it closes has nothing left to say
-                self._apply(self.settings.model_id, _close, stream.iterator)
+                self._apply(stream.settings.model_id, _close, stream.iterator)
 
-    async def _answer(self, scope: dict[str, Any], receive: Any) -> tuple[int, list, bytes | _Stream]:
-        settings = self.settings
+    async def _answer(self, settings: Settings, scope: dict[str, Any], receive: Any
+                      ) -> tuple[int, list, bytes | _Stream]:
         route = routes.resolve(scope["method"], scope["path"], scope.get("root_path", ""))
         if route == routes.PREDICT:
-            return 200, *(await self._predict(scope, receive))
+            return 200, *(await self._predict(settings, scope, receive))
         if route == routes.MANIFEST:
             return 200, [*_JSON], settings.manifest
         if route == routes.OPENAPI:
@@ -297,8 +319,8 @@ class _Server:
                                   headers={"Retry-After": "1"})
         return 200, [*_JSON], json.dumps({"status": "ok", "pid": os.getpid()}).encode()
 
-    async def _predict(self, scope: dict[str, Any], receive: Any) -> tuple[list, bytes | _Stream]:
-        settings = self.settings
+    async def _predict(self, settings: Settings, scope: dict[str, Any], receive: Any
+                       ) -> tuple[list, bytes | _Stream]:
         if not scope.get("tenfold.admitted", True):
             raise routes.overloaded(settings.retry_after_s)
         content_type = content_length = accept = None
@@ -313,25 +335,25 @@ class _Server:
         routes.check_declared_length(content_length, settings.max_request_bytes)
         body = await _read_body(receive, settings.max_request_bytes)
         if settings.interface.streams:
-            return self._open_stream(body, routes.wants_events(accept))
+            return self._open_stream(settings, body, routes.wants_events(accept))
         predict = codec.predict_json if media == codec.JSON_TYPE else codec.predict_arrow
-        return [(b"content-type", media.encode())], self._call(predict, body, settings.interface)
+        return [(b"content-type", media.encode())], self._call(settings, predict, body, settings.interface)
 
-    def _open_stream(self, body: bytes, events: bool) -> tuple[list, _Stream]:
+    def _open_stream(self, settings: Settings, body: bytes, events: bool) -> tuple[list, _Stream]:
         """A streaming model's iterator on this request, and its first item: bad inputs, and a model that fails
         before its first item, are answered with their status."""
         encode = codec.encode_event if events else codec.encode_line
-        iterator = self._call(codec.open_json, body, self.settings.interface)
+        iterator = self._call(settings, codec.open_json, body, settings.interface)
         try:
-            first = self._call(_step, iterator, encode)
+            first = self._call(settings, _step, iterator, encode)
         except BaseException:
-            self._apply(self.settings.model_id, _close, iterator)
+            self._apply(settings.model_id, _close, iterator)
             raise
         media = codec.EVENT_STREAM_TYPE if events else codec.NDJSON_TYPE
-        return [(b"content-type", media.encode()), (b"cache-control", b"no-cache")], _Stream(iterator, first, encode,
-                                                                                             events)
+        return ([(b"content-type", media.encode()), (b"cache-control", b"no-cache")],
+                _Stream(settings, iterator, first, encode, events))
 
-    def _call(self, fn: Any, *args: Any) -> Any:
+    def _call(self, settings: Settings, fn: Any, *args: Any) -> Any:
         """The model's answer, computed right here on the server's thread: this interpreter does nothing else
         meanwhile, and the other interpreters take the other connections."""
         block = self.block
@@ -341,7 +363,7 @@ class _Server:
             started = block[CURRENT_NS] = time.monotonic_ns()
         try:
             try:
-                return self._apply(self.settings.model_id, fn, *args)
+                return self._apply(settings.model_id, fn, *args)
             finally:
                 with self._interrupt_lock:
                     block[CURRENT_NS] = 0
@@ -361,8 +383,10 @@ class _Server:
 
 @dataclass
 class _Stream:
-    """A streaming answer in progress: the model's iterator, its first item (encoded), and how to encode."""
+    """A streaming answer in progress: the settings it began with (its model), the model's iterator, its first
+    item (encoded), and how to encode."""
 
+    settings: Settings
     iterator: Any
     first: bytes | None
     encode: Any

@@ -73,6 +73,7 @@ class ArchiveChanged(PinMismatch):
 
     def __init__(self, locator: ArchiveLocator, actual: str) -> None:
         super().__init__(locator.source.describe(), changed_message(locator, actual))
+        self.actual = actual
 
     def __reduce__(self) -> tuple[type[PinMismatch], tuple[str, str]]:  # as a PinMismatch, with this message
         return (PinMismatch, (self.archive, str(self).removeprefix(f"{self.archive}: ")))
@@ -83,8 +84,9 @@ def changed_message(locator: ArchiveLocator, actual: str) -> str:
     return (f"this file changed since the application was deployed: it was sha256 {locator.sha256}, it is now "
             f"sha256 {actual}. Replicas start only with the deployed version, and those running keep serving it. "
             f"To roll out the new file, redeploy with its digest in the application's args (sha256: {actual}): "
-            "serve deploy and serve run rebuild an application only when its config changes. To go on with the "
-            "deployed version, put its file back, or deploy the new one from another path")
+            "serve deploy and serve run rebuild an application only when its config changes. To roll it out "
+            f"without a restart, give it in the deployment's user_config instead (archive: ..., sha256: {actual}). "
+            "To go on with the deployed version, put its file back, or deploy the new one from another path")
 
 
 @dataclass

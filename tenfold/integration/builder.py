@@ -4,15 +4,15 @@ No `from __future__ import annotations` here: Serve reads the builder's paramete
 the YAML's `args` into `AppArgs`, and a string annotation would hide the class from it.
 """
 
+import os
 from typing import Any
 
 from ray import serve
 from ray.serve import Application
 from ray.serve.config import BackpressureConfig
 
-from . import codec
 from .archive_cache import ArchiveLocator, file_stamp, this_node
-from .config import AppArgs
+from .config import AppArgs, DeployError, check_model
 from .deployment import TenfoldModel
 from .sources import ArchiveSource, ArchiveUnavailable, fetch_with_digest
 
@@ -21,36 +21,6 @@ from .sources import ArchiveSource, ArchiveUnavailable, fetch_with_digest
 #: rather than on a thread of its own: 0.91x the replica CPU per handle call, 1.15x the calls/s
 #: (`tenfold bench dataplane`, docs/benchmarks.md).
 REPLICA_ENV: dict[str, str] = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
-
-
-class DeployError(ValueError):
-    """The application cannot be deployed as configured; the message says why and what to change."""
-
-
-def _check_batching(args: AppArgs, manifest: Any) -> None:
-    if args.max_batch_size is None:
-        return
-    if manifest.streams:
-        raise DeployError(
-            f"max_batch_size joins requests into one call, but {manifest.name} streams ({manifest.signature()}): "
-            "each request is its own stream. Drop max_batch_size"
-        )
-    if manifest.takes_values:
-        if codec.batches_values(manifest):
-            return  # requests' lists are joined into one list, and the results split back
-        raise DeployError(
-            f"max_batch_size joins requests into one call: the items of a model that maps one list to a list of "
-            f"results of the same length, as (texts: list[str]) -> list[list[float]], or tensor inputs along "
-            f"their first dimension. {manifest.name} takes {manifest.signature()}, neither. Drop max_batch_size "
-            "(each request is then one call), or give the model a list-to-list signature"
-        )
-    fixed = [s.describe() for s in [*manifest.inputs, *manifest.outputs] if not s.shape or s.shape[0] is not None]
-    if fixed:
-        raise DeployError(
-            f"max_batch_size needs a dynamic first (batch) dimension on every input and output of "
-            f"{manifest.name}; these have none: {', '.join(fixed)}. Package the model with a batch dimension "
-            "or drop max_batch_size"
-        )
 
 
 def _check_resources(args: AppArgs) -> None:
@@ -112,6 +82,9 @@ def app_builder(args: AppArgs) -> Application:
     """Reads and checks the archive once (from a path, file://, s3:// or http(s)://) and binds where it is,
     with its digest, into the deployment; nothing is put anywhere, and no process is started for it.
 
+    A deployment's `user_config` (`ModelUpdate`: archive and sha256) overrides the archive, and a `serve deploy`
+    that changes only that updates the running replicas in place (see `TenfoldModel.reconfigure`).
+
     Each replica maps a local archive itself (one copy per node, in the page cache) or takes a remote one
     from the node's object store, where the first replica that needs it puts it; a replica on a node that
     cannot read a local path gets it that way too, read on the node this builds on (see
@@ -132,8 +105,9 @@ def app_builder(args: AppArgs) -> Application:
         raise DeployError(f"refusing to deploy: {exc}") from exc
     locator = ArchiveLocator(source, digest, len(view), stamp, this_node() if source.is_local else None)
     del archive, view
-    _check_batching(args, manifest)
+    check_model(args, manifest)
     _check_resources(args)
     name = args.name or manifest.name
     deployment = serve.deployment(TenfoldModel).options(**_deployment_options(args, name))
-    return deployment.bind(locator, args.model_dump(mode="json", exclude_unset=True))
+    # The directory relative paths are taken from, for an archive given later in user_config.
+    return deployment.bind(locator, args.model_dump(mode="json", exclude_unset=True), os.getcwd())

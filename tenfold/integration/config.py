@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -28,6 +28,19 @@ DEFAULT_INTERPRETERS = 2
 #: tensor batches, best sent as Arrow.
 DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class DeployError(ValueError):
+    """The application cannot be deployed as configured; the message says why and what to change."""
+
+
+def _digest(value: str | None) -> str | None:
+    if value is None:
+        return None
+    digest = value.strip().lower().removeprefix("sha256:")
+    if not _SHA256.fullmatch(digest):
+        raise ValueError(f"sha256 must be 64 hex digits, got {value!r}")
+    return digest
 
 
 class AutoscalingArgs(BaseModel):
@@ -156,12 +169,7 @@ class AppArgs(BaseModel):
     @field_validator("sha256")
     @classmethod
     def _hex_digest(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        digest = value.strip().lower().removeprefix("sha256:")
-        if not _SHA256.fullmatch(digest):
-            raise ValueError(f"sha256 must be 64 hex digits, got {value!r}")
-        return digest
+        return _digest(value)
 
     @field_validator("max_queued_requests")
     @classmethod
@@ -219,3 +227,54 @@ class AppArgs(BaseModel):
             return self.max_ongoing_requests
         per_interpreter = 4 * (self.max_batch_size or 1)
         return per_interpreter * self.replica_interpreters
+
+
+class ModelUpdate(BaseModel):
+    """A deployment's `user_config`: the archive its running replicas serve, swapped in place when a `serve deploy`
+    changes it (same processes, same interpreters; see `TenfoldModel.reconfigure`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    archive: str = Field(
+        description="The archive to serve, in any form `archive` takes; a relative path is resolved against the "
+        "directory the application was built in."
+    )
+    sha256: str = Field(description="The archive's hex sha256: a live update names the exact archive it rolls out "
+                        "(`tenfold package` prints it).")
+    endpoint_url: str | None = Field(None, description="S3-compatible store serving an s3:// archive.")
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex_digest(cls, value: str) -> str:
+        digest = _digest(value)
+        assert digest is not None
+        return digest
+
+
+def check_model(args: AppArgs, manifest: Any) -> None:
+    """Raise DeployError when `manifest`'s model cannot be served with `args` (the batching it asks for)."""
+    from . import codec
+
+    if args.max_batch_size is None:
+        return
+    if manifest.streams:
+        raise DeployError(
+            f"max_batch_size joins requests into one call, but {manifest.name} streams ({manifest.signature()}): "
+            "each request is its own stream. Drop max_batch_size"
+        )
+    if manifest.takes_values:
+        if codec.batches_values(manifest):
+            return  # requests' lists are joined into one list, and the results split back
+        raise DeployError(
+            f"max_batch_size joins requests into one call: the items of a model that maps one list to a list of "
+            f"results of the same length, as (texts: list[str]) -> list[list[float]], or tensor inputs along "
+            f"their first dimension. {manifest.name} takes {manifest.signature()}, neither. Drop max_batch_size "
+            "(each request is then one call), or give the model a list-to-list signature"
+        )
+    fixed = [s.describe() for s in [*manifest.inputs, *manifest.outputs] if not s.shape or s.shape[0] is not None]
+    if fixed:
+        raise DeployError(
+            f"max_batch_size needs a dynamic first (batch) dimension on every input and output of "
+            f"{manifest.name}; these have none: {', '.join(fixed)}. Package the model with a batch dimension "
+            "or drop max_batch_size"
+        )

@@ -158,6 +158,20 @@ class DataPlane:
         if not self._watcher.is_alive() and not self._stopping.is_set():
             raise RuntimeError(f"the watcher of the HTTP servers on port {self._args.http_port} stopped")
 
+    def switch(self, model_id: str, *, interface: Any, manifest: bytes, openapi: bytes) -> None:
+        """Serve model `model_id` on the port from now on: each server takes it between two requests (those it
+        has begun end on the model they began on; see `requests_on`), and a replacement interpreter starts
+        with it."""
+        settings = dataclasses.replace(self.settings, model_id=model_id, interface=interface, manifest=manifest,
+                                       openapi=openapi)
+        token = self._pool.add_setup(_server.start, self.listener.fileno(), settings)
+        self._pool.remove_setup(self._setup)
+        self._setup, self.settings = token, settings
+
+    def requests_on(self, model_id: str) -> int:
+        """Requests on the port that began on model `model_id` and are not yet answered, in all interpreters."""
+        return sum(self._pool.broadcast(_server.requests_on, model_id))
+
     # -- watching ------------------------------------------------------------------------------
 
     def _refresh(self, stats: PoolStats) -> None:

@@ -36,9 +36,9 @@ from tenfold.runtime import (
     remote_traceback,
 )
 
-from . import archive_cache, codec, logs, openapi, policy, routes
+from . import archive_cache, codec, logs, openapi, policy, routes, updates
 from .archive_cache import ArchiveLocator
-from .config import AppArgs
+from .config import AppArgs, ModelUpdate
 from .dataplane import DataPlane
 from .metrics import ReplicaMetrics
 from .routes import RequestTimeout
@@ -57,7 +57,7 @@ class TenfoldModel:
     `GET /-/openapi.json` the OpenAPI document of `POST /`, and `GET /-/stats` the interpreters' figures.
     """
 
-    def __init__(self, archive: ArchiveLocator, args: dict[str, Any]) -> None:
+    def __init__(self, archive: ArchiveLocator, args: dict[str, Any], workdir: str | None = None) -> None:
         from tenfold.packaging import replicate
         from tenfold.packaging.replicated import prepare_interpreter
 
@@ -65,7 +65,16 @@ class TenfoldModel:
         logs.install()
         bound_free_heap()  # the host's malloc too (pitfall 16): bodies pass through it on Serve's route
         self._args = AppArgs.model_validate(args)
-        self._locator = archive
+        self._deployed, self._workdir = archive, workdir
+        self._updates = 0
+        self._refused: dict[str, Any] | None = None  # the last update this replica refused, and why
+        self._retiring: list[updates.ModelVersion] = []
+        self._updating = asyncio.Lock()
+        # Serve calls reconfigure(user_config) right after this: a replica started with one loads its archive now,
+        # not the application's first. One that fails to is refused (Serve reports its error).
+        pending = _user_config()
+        if pending:
+            archive = updates.locate(ModelUpdate.model_validate(pending), workdir=workdir, deployed=archive)
         window = self._args.autoscaling.look_back_period_s if self._args.autoscaling else 10.0
         # The interpreters start (one core each) while this thread maps or fetches the archive.
         with ThreadPoolExecutor(1, thread_name_prefix="tenfold-start") as starter:
@@ -79,7 +88,7 @@ class TenfoldModel:
                 initializer=prepare_interpreter,  # torch imported while this thread gets the archive
             )
             try:
-                self._archive = archive_cache.resolve(archive)
+                resolved_archive = updates.resolve(archive)
             except BaseException:
                 with contextlib.suppress(Exception):
                     starting.result().shutdown(wait=True)
@@ -88,31 +97,30 @@ class TenfoldModel:
             try:
                 self._pool = starting.result()
             except BaseException:
-                archive_cache.release(self._archive)
+                archive_cache.release(resolved_archive)
                 raise
         pooled = time.perf_counter()
-        self._archive_watch = archive_cache.ChangeWatch(archive, self._archive)
         try:
-            # Verified against the digest bound at deploy time by resolve(): not hashed again.
-            self._model = replicate(self._pool, self._archive.buffer)
+            if pending:  # checked here as the builder checks the application's archive (it releases it on failure)
+                self._version = updates.load_version(self._pool, archive, self._args, resolved=resolved_archive)
+            else:
+                # Verified against the digest bound at deploy time by resolve(): not hashed again.
+                try:
+                    model = replicate(self._pool, resolved_archive.buffer)
+                except BaseException:
+                    archive_cache.release(resolved_archive)
+                    raise
+                self._version = updates.serve_version(archive, resolved_archive, model)
         except BaseException:
             self._pool.shutdown(wait=True)
-            archive_cache.release(self._archive)
             raise
         _logger.info("tenfold replica ready in %.2f s: archive from %s in %.2f s, %d interpreters with torch in "
                      "%.2f s, model loaded in %.2f s", time.perf_counter() - started, self._archive.origin,
                      resolved - started, self._pool.size, pooled - started, time.perf_counter() - pooled)
-        self._manifest = self._model.manifest
-        self._interface = codec.Interface.of(self._manifest)
         self._metrics = ReplicaMetrics()
-        self._batched = None
-        self._batches_values = self._interface.takes_values  # checked by the builder: list in, list out
-        if self._args.max_batch_size is not None:
-            self._batched = serve.batch(
-                max_batch_size=self._args.max_batch_size,
-                batch_wait_timeout_s=self._args.batch_wait_timeout_s,
-                max_concurrent_batches=self._args.replica_interpreters,
-            )(self._run_value_batch if self._batches_values else self._run_batch)
+        self._batched: Any = None
+        self._batched_values: bool | None = None  # what self._batched joins: Python values, or tensors
+        self._batch_for(self._interface)
         self._ping: asyncio.Future | None = None
         self._heaps: dict[int, int] = {}  # each interpreter's heap in use at the last ping
         self._memory: dict[str, Any] = {}  # what the last ping measured (see _memory_body)
@@ -134,6 +142,105 @@ class TenfoldModel:
                 raise
             _logger.info("tenfold replica serves port %d from its %d interpreters", self._dataplane.port,
                          self._pool.size)
+
+    # What the version being served holds: read once per request, so that an update in between leaves the
+    # request on one version.
+    @property
+    def _model(self) -> Any:
+        return self._version.model
+
+    @property
+    def _manifest(self) -> Any:
+        return self._version.manifest
+
+    @property
+    def _interface(self) -> codec.Interface:
+        return self._version.interface
+
+    @property
+    def _locator(self) -> ArchiveLocator:
+        return self._version.locator
+
+    @property
+    def _archive(self) -> archive_cache.Resolved:
+        return self._version.archive
+
+    @property
+    def _batches_values(self) -> bool:
+        return self._interface.takes_values  # checked at deploy and at each update: list in, list out
+
+    def _batch_for(self, interface: codec.Interface) -> None:
+        """Serve's batcher for requests to a model of `interface`, if batching is on (a new one when an update
+        changes what is joined: Python values, or tensors)."""
+        if self._args.max_batch_size is None or self._batched_values == interface.takes_values:
+            return
+        self._batched_values = interface.takes_values
+        self._batched = serve.batch(
+            max_batch_size=self._args.max_batch_size,
+            batch_wait_timeout_s=self._args.batch_wait_timeout_s,
+            max_concurrent_batches=self._args.replica_interpreters,
+        )(self._run_value_batch if interface.takes_values else self._run_batch)
+
+    # -- updates without a restart ---------------------------------------------------------------
+
+    async def reconfigure(self, config: dict[str, Any] | None) -> None:
+        """Serve's `user_config` (see `ModelUpdate`): serve the archive it names, loaded into this replica's
+        running interpreters, one at a time while the others serve. Calls begun on the old version end on it.
+
+        An update that fails its checks (a digest that does not match, a corrupt archive, a model that does not
+        load, batching it cannot do) leaves the old version serving: it is logged as an error and reported by
+        `/-/manifest` and `/-/stats`. It is not raised: Serve would stop this replica for it, and start one that
+        fails the same way."""
+        if not config:
+            return  # no user_config: the application's archive
+        async with self._updating:
+            try:
+                locator = updates.locate(ModelUpdate.model_validate(config), workdir=self._workdir,
+                                         deployed=self._deployed)
+            except ValueError as exc:
+                self._refuse(str(config.get("archive")), None, exc)
+                return
+            if locator.sha256 == self._locator.sha256:
+                return  # served already (a replica started with it, or an update of another field)
+            t0 = time.perf_counter()
+            try:
+                version = await asyncio.to_thread(self._load, locator)
+            except Exception as exc:  # noqa: BLE001 - refused: the old version goes on serving
+                self._refuse(locator.source.describe(), locator.sha256, exc)
+                return
+            old, self._version = self._version, version  # one store on the event loop: the next request is on it
+            self._batch_for(version.interface)
+            self._updates += 1
+            self._refused = None
+            self._retiring.append(old)
+            updates.retire(old, still_used=self._requests_on_port, grace_s=self._args.graceful_shutdown_timeout_s,
+                           done=self._retiring.remove)
+            _logger.info("tenfold replica now serves %s (%s), loaded in place in %.2f s; the previous version (%s) "
+                         "is dropped once its calls end", locator.describe(), version.manifest.name,
+                         time.perf_counter() - t0, old.locator.describe())
+
+    def _load(self, locator: ArchiveLocator) -> updates.ModelVersion:
+        """The new version, loaded and checked (on a worker thread); http_port serves it once this returns."""
+        version = updates.load_version(self._pool, locator, self._args, rolling=True)
+        if self._dataplane is not None:
+            try:
+                self._dataplane.switch(
+                    version.model.model_id, interface=version.interface,
+                    manifest=codec.json.dumps(self._manifest_body(version)).encode(),
+                    openapi=codec.json.dumps(self._openapi(version)).encode())
+            except BaseException:
+                updates.drop(version)
+                raise
+        return version
+
+    def _requests_on_port(self, model_id: str) -> int:
+        return 0 if self._dataplane is None else self._dataplane.requests_on(model_id)
+
+    def _refuse(self, archive: str, sha256: str | None, exc: BaseException) -> None:
+        self._refused = {"archive": archive, "sha256": sha256, "error": f"{type(exc).__name__}: {exc}",
+                         "at": time.time()}
+        _logger.error("tenfold replica refused the update to %s and goes on serving %s: %s: %s", archive,
+                      self._locator.describe(), type(exc).__name__, exc)
 
     # -- callers -------------------------------------------------------------------------------
 
@@ -163,16 +270,21 @@ class TenfoldModel:
         """This replica's figures (calls, errors, busy time, queue depth, utilization), http_port's included."""
         return self._stats_body()
 
-    def _manifest_body(self) -> dict[str, Any]:
+    def _manifest_body(self, version: updates.ModelVersion | None = None) -> dict[str, Any]:
+        v = version or self._version
         return {
-            "manifest": self._manifest.model_dump(mode="json"),
-            "sha256": self._locator.sha256,
-            "source": self._locator.source.describe(),
-            "archive_from": self._archive.origin,
+            "manifest": v.manifest.model_dump(mode="json"),
+            "sha256": v.locator.sha256,
+            "source": v.locator.source.describe(),
+            "archive_from": v.archive.origin,
             "interpreters": self._pool.size,
             "backend": self._pool.backend,
             "pid": os.getpid(),
             "node_id": ray.get_runtime_context().get_node_id(),
+            "serving_since": v.since,
+            # In place, since this replica started (a version being swapped in counts: its body is sent as it is).
+            "updates": self._updates + (version is not None),
+            "refused_update": self._refused,
         }
 
     def _stats_body(self) -> dict[str, Any]:
@@ -184,17 +296,24 @@ class TenfoldModel:
         if self._memory:
             # Measured at the last health check, between calls: what a soak judges leaks by.
             body["memory_in_use"] = self._memory
-        if (changed := self._archive_watch.message) is not None:
-            body["warnings"] = [changed]
+        warnings = [m for m in (self._version.watch.message, self._refused_message()) if m is not None]
+        if warnings:
+            body["warnings"] = warnings
         return body
+
+    def _refused_message(self) -> str | None:
+        if self._refused is None:
+            return None
+        return (f"the update to {self._refused['archive']} was refused, and {self._locator.describe()} goes on "
+                f"serving: {self._refused['error']}")
 
     def _pool_stats(self) -> PoolStats:
         stats = self._pool.stats()
         return stats if self._dataplane is None else self._dataplane.merge(stats)
 
-    def _openapi(self) -> dict[str, Any]:
-        return openapi.document(self._manifest, title=self._args.name or self._manifest.name,
-                                sha256=self._locator.sha256)
+    def _openapi(self, version: updates.ModelVersion | None = None) -> dict[str, Any]:
+        v = version or self._version
+        return openapi.document(v.manifest, title=self._args.name or v.manifest.name, sha256=v.locator.sha256)
 
     def _health(self) -> dict[str, Any]:
         stats = self._pool_stats()
@@ -223,7 +342,7 @@ class TenfoldModel:
         when the interpreters neither answer a ping nor make progress."""
         if self._dataplane is not None:
             self._dataplane.check()
-        self._archive_watch.poll()  # one stat() of a local archive: was it packaged again at its path?
+        self._version.watch.poll()  # one stat() of a local archive: was it packaged again at its path?
         stats = self._pool_stats()
         self._metrics.observe_pool(stats)
         if stats.healthy == 0:
@@ -302,14 +421,15 @@ class TenfoldModel:
             if not dataplane.stop():
                 _logger.warning("the HTTP servers on port %d did not all finish within http_drain_timeout_s",
                                 dataplane.port)
-        model, pool = getattr(self, "_model", None), getattr(self, "_pool", None)
-        if model is not None:
-            model.close()
+        versions = [*getattr(self, "_retiring", []), *filter(None, [getattr(self, "_version", None)])]
+        for version in versions:
+            with contextlib.suppress(Exception):
+                version.model.close()
+        pool = getattr(self, "_pool", None)
         if pool is not None:
             pool.shutdown(wait=True)
-        archive = getattr(self, "_archive", None)
-        if archive is not None:
-            archive_cache.release(archive)
+        for version in versions:
+            archive_cache.release(version.archive)
 
     # -- inference -----------------------------------------------------------------------------
 
@@ -505,37 +625,39 @@ class TenfoldModel:
         return Response(codec.json.dumps(body).encode(), media_type=codec.JSON_TYPE)
 
     async def _predict(self, request: Request) -> Response:
-        media = routes.media_type(request.headers.get("content-type"), self._interface)
+        version = self._version  # read once: an update while the body arrives leaves this request on one version
+        interface = version.interface
+        media = routes.media_type(request.headers.get("content-type"), interface)
         body = await _read_body(request, self._args.max_request_bytes)
-        if self._interface.streams:
-            return await self._stream_response(request, body)
-        if self._batched is not None and self._batches_values:  # JSON only (media_type refuses Arrow for values)
-            return Response(codec.encode_value(await self._infer(codec.parse_inputs(body, self._interface.inputs))),
+        if interface.streams:
+            return await self._stream_response(version, request, body)
+        if self._batched is not None and interface.takes_values:  # JSON only (media_type refuses Arrow for values)
+            return Response(codec.encode_value(await self._infer(codec.parse_inputs(body, interface.inputs))),
                             media_type=codec.JSON_TYPE)
         if self._batched is None:
             # Decoding, the call and encoding all happen in an interpreter: the host only moves bytes.
             predict = codec.predict_json if media == codec.JSON_TYPE else codec.predict_arrow
-            future = self._model.apply(predict, body, self._interface)
+            future = version.model.apply(predict, body, interface)
             answer = await self._outcome(asyncio.wrap_future(future), future)
             return Response(answer, media_type=media)
         if media == codec.ARROW_TYPE:
-            inputs = codec.decode_arrow(body, self._interface.inputs)
+            inputs = codec.decode_arrow(body, interface.inputs)
         else:
-            inputs = codec.decode_json(body, self._interface.inputs)
-        outputs = codec.as_arrays(await self._infer(list(inputs)), self._interface.outputs)
+            inputs = codec.decode_json(body, interface.inputs)
+        outputs = codec.as_arrays(await self._infer(list(inputs)), interface.outputs)
         if media == codec.ARROW_TYPE:
-            return Response(codec.encode_arrow(outputs, self._interface.outputs), media_type=codec.ARROW_TYPE)
+            return Response(codec.encode_arrow(outputs, interface.outputs), media_type=codec.ARROW_TYPE)
         return Response(codec.encode_json(outputs), media_type=codec.JSON_TYPE)
 
 
-    async def _stream_response(self, request: Request, body: bytes) -> Response:
+    async def _stream_response(self, version: updates.ModelVersion, request: Request, body: bytes) -> Response:
         """A streaming model's answer: newline-delimited JSON, or server-sent events when the client accepts
         them. The first item is awaited before the status is sent, so that bad inputs and a model that fails at
         once get their 4xx or 5xx; an error past it ends the stream with an error line or event."""
         events = routes.wants_events(request.headers.get("accept"))
         # Decoding, validation, the model's steps and each item's encoding all happen in one interpreter.
-        stream = self._model.open_stream(codec.open_json, body, self._interface,
-                                         encode=codec.encode_event if events else codec.encode_line)
+        stream = version.model.open_stream(codec.open_json, body, version.interface,
+                                           encode=codec.encode_event if events else codec.encode_line)
         items = self._items(stream)
         try:
             first = await anext(items, None)
@@ -590,6 +712,15 @@ async def _disconnected(request: Request) -> None:
     """Returns once the client has hung up (Serve delivers http.disconnect as an ASGI message)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+def _user_config() -> Any:
+    """The user_config this replica was started with (Serve calls reconfigure with it once __init__ returns)."""
+    try:
+        config = getattr(serve.get_replica_context(), "_deployment_config", None)
+    except Exception:  # noqa: BLE001 - not in a replica (a test building the class): none
+        return None
+    return getattr(config, "user_config", None)
 
 
 class _Failed:
