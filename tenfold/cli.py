@@ -3,7 +3,7 @@
     tenfold package MODULE:FACTORY -o model.pt     package a model as an archive
     tenfold inspect model.pt                       print its manifest, check its digests
     tenfold serve model.pt|MODULE:FACTORY          serve it with Ray Serve until Ctrl-C
-    tenfold bench runtime|packaging|serve|dataplane|stream|soak   run a benchmark
+    tenfold bench runtime|packaging|serve|dataplane|stream|update|soak   run a benchmark
 
 Handlers import what they need (torch, ray) when they run, so that `tenfold --help` stays fast.
 """
@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_serve)
 
     bench = commands.add_parser(
-        "bench", help="run a benchmark (runtime, packaging, serve, dataplane, stream, soak)"
+        "bench", help="run a benchmark (runtime, packaging, serve, dataplane, stream, update, soak)"
     ).add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
     p = bench.add_parser(
         "runtime",
@@ -253,6 +253,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=_positive(int), default=2, help="clients, one open request each")
     p.add_argument("--out", type=Path, default=Path("bench-results"))
     p.set_defaults(handler=_bench("stream"))
+
+    p = bench.add_parser(
+        "update", help="a new model version: served in place (user_config) vs a replica restart (args)",
+        description="Serve examples.minilm_embedder twice (1 replica x 2 interpreters each) on a local Ray; in "
+        "interleaved rounds, update one in place (a deploy that changes only its user_config) and the other by a "
+        "restart (a deploy that changes its args), with requests sent all along; print the time from the deploy to "
+        "the new version's first answer and the failed requests; write update.json and update.png.",
+    )
+    p.add_argument("--model", default="minilm_embedder", help="an example to update between two versions")
+    p.add_argument("--rounds", type=_positive(int), default=3, help="interleaved rounds (updates of each kind)")
+    p.add_argument("--out", type=Path, default=Path("bench-results"))
+    p.set_defaults(handler=_bench("update"))
 
     p = bench.add_parser(
         "soak",
