@@ -88,7 +88,8 @@ class TenfoldModel:
                 initializer=prepare_interpreter,  # torch imported while this thread gets the archive
             )
             try:
-                resolved_archive = updates.resolve(archive)
+                # A user_config's archive that is not the file pinned is the update's error, not a changed file.
+                resolved_archive = (updates.resolve if pending else archive_cache.resolve)(archive)
             except BaseException:
                 with contextlib.suppress(Exception):
                     starting.result().shutdown(wait=True)

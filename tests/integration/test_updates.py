@@ -241,6 +241,26 @@ def test_a_replica_started_with_a_user_config_serves_its_archive_from_the_start(
         serve.delete(name)
 
 
+def test_a_replica_that_starts_with_a_user_config_it_cannot_serve_fails_and_serve_says_why(
+        app: SimpleNamespace, archives: dict[str, Path]) -> None:
+    from ray import serve
+
+    name = "updates-refused"
+    app.applications[name] = {
+        "name": name, "route_prefix": f"/{name}", "import_path": "tenfold.integration:app_builder",
+        "args": {"archive": str(archives["v1"]), "name": "refused", "interpreters": 1, "num_cpus": 0.5},
+        "deployments": [{"name": "refused", "user_config": {"archive": str(archives["v2"]), "sha256": "2" * 64}}]}
+    app.apply()
+    try:
+        message = wait_for(lambda: (d := serve.status().applications.get(name)) and "refused" in d.deployments and
+                           (m := d.deployments["refused"].message) and "PinMismatch" in m and m, 120,
+                           "Serve to report the replica that could not start")
+        assert str(archives["v2"]) in message and "but user_config pins " + "2" * 64 in message, message
+    finally:
+        del app.applications[name]
+        serve.delete(name)
+
+
 def test_a_relative_path_in_user_config_is_taken_from_where_the_application_was_built(tmp_path: Path) -> None:
     from tenfold.integration import ModelUpdate, app_builder  # noqa: F401 - the public names
     from tenfold.integration.archive_cache import ArchiveLocator
