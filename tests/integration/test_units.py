@@ -75,6 +75,8 @@ def test_replica_placement_and_shutdown_arguments_reach_serves_deployment_option
                                           graceful_shutdown_timeout_s=3), "m")
     assert options["ray_actor_options"]["resources"] == {"model-node": 1}
     assert options["graceful_shutdown_timeout_s"] == 3
+    # An idle replica stops at once, not after Serve's 2 s wait loop.
+    assert options["graceful_shutdown_wait_loop_s"] == 0.25
     assert "resources" not in _deployment_options(AppArgs(archive="m.pt"), "m")["ray_actor_options"]
 
 
