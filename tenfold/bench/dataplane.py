@@ -194,6 +194,7 @@ def _uvicorn(archive: Path, port: int) -> Iterator[_Setup]:
 def _interpreters_alone(archive: Path, port: int) -> Iterator[_Setup]:
     """The data plane without Ray: an InterpreterPool of 2 in this process with the model and its servers."""
     from tenfold.integration import codec
+    from tenfold.integration._server import Served
     from tenfold.integration.config import AppArgs
     from tenfold.integration.dataplane import DataPlane
     from tenfold.packaging import replicate
@@ -203,8 +204,8 @@ def _interpreters_alone(archive: Path, port: int) -> Iterator[_Setup]:
     args = AppArgs(archive=str(archive), http_port=port, http_host="127.0.0.1")
     with InterpreterPool(2, backend="namespaces", threads_per_interpreter=1, initializer=prepare_interpreter) as pool:
         with replicate(pool, str(archive)) as model:
-            plane = DataPlane(pool, model.model_id, args, owner="bench", interface=codec.Interface.of(model.manifest),
-                              manifest=b"{}", openapi=b"{}", stats=dict)
+            served = Served(model.model_id, codec.Interface.of(model.manifest))
+            plane = DataPlane(pool, {"": served}, args, owner="bench", manifest=b"{}", openapi=b"{}", stats=dict)
             try:
                 yield _Setup("interpreters", [f"http://127.0.0.1:{port}/"], {os.getpid()},
                              {os.getpid(): plane.threads()})

@@ -47,7 +47,15 @@ LATENCY_BASE = STATUS_BASE + len(STATUSES)  # one counter per bucket, and one pa
 SERVER_TID = LATENCY_BASE + len(LATENCY_BOUNDS_MS) + 1  # native thread ids of the server and its watchdog,
 WATCHDOG_TID = SERVER_TID + 1  # so that a profiler can tell this interpreter's CPU time from the host's
 ACTIVE = WATCHDOG_TID + 1  # open connections with a request in the last ACTIVE_S (idle keep-alive ones are no load)
-FIELDS = ACTIVE + 1
+# An application of several models, each by its catalog index. WANTED: a bit per model, MODEL_BITS to a word:
+# requests here wait for the model, which this replica has not loaded (the host loads it, and clears the bits it
+# saw). USED: a word per model, the CLOCK_MONOTONIC ns of its last request here (the host keeps its models' least
+# recently used order by them).
+MODEL_BITS, MODEL_WORDS = 32, 8
+MAX_MODELS = MODEL_BITS * MODEL_WORDS
+WANTED_BASE = ACTIVE + 1
+USED_BASE = WANTED_BASE + MODEL_WORDS
+FIELDS = USED_BASE + MAX_MODELS
 ACTIVE_S = 1.0
 
 SERVING, STOPPED, FAILED = 1, 2, 3
@@ -56,11 +64,24 @@ _logger = logging.getLogger("tenfold.http")
 
 
 @dataclass(frozen=True)
-class Settings:
-    """What an interpreter's server needs, sent once by the host when the server starts."""
+class Served:
+    """A model as the servers serve it: where it is loaded (None: not in this replica), and its routes' bodies."""
 
-    model_id: str
+    model_id: str | None
     interface: codec.Interface
+    index: int = 0  # its place in the application's catalog (its bit in WANTED and USED)
+    manifest: bytes = b"{}"  # the body of GET /{name}/-/manifest (an application of several)
+    openapi: bytes = b"{}"  # the body of GET /{name}/-/openapi.json
+    #: Why the replica could not load it, and when (time.monotonic_ns()): requests waiting since before are told.
+    error: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What an interpreter's server needs, sent by the host when the server starts and each time it changes."""
+
+    models: dict[str, Served]  # by name; an application of one model has one, named ""
+    several: bool  # whether requests name a model (an application of several)
     max_request_bytes: int
     request_timeout_s: float | None
     read_timeout_s: float
@@ -72,6 +93,7 @@ class Settings:
     openapi: bytes  # the body of GET /-/openapi.json
     snapshot: int  # host address of the replica's stats snapshot (see dataplane.Snapshot)
     peers: int  # host address of PEERS int64 words: the counter blocks of the replica's servers (0: none)
+    load_timeout_s: float = 300.0  # how long a request waits for its model to be loaded
 
 
 PEERS = 16
@@ -241,12 +263,12 @@ class _Server:
     async def app(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        settings = self.settings  # read once: a model update in between leaves this request on one model
-        self.begun[settings.model_id] = self.begun.get(settings.model_id, 0) + 1
         try:
-            await self._respond(settings, scope, receive, send)
+            await self._respond(self.settings, scope, receive, send)
         finally:
-            self.begun[settings.model_id] -= 1
+            model_id = scope.get("tenfold.model")  # the model it held (see _hold)
+            if model_id is not None:
+                self.begun[model_id] -= 1
 
     async def _respond(self, settings: Settings, scope: dict[str, Any], receive: Any, send: Any) -> None:
         t0 = time.perf_counter()
@@ -292,7 +314,7 @@ class _Server:
                 if gone.done():
                     return
                 try:
-                    chunk = self._call(stream.settings, _step, stream.iterator, stream.encode)
+                    chunk = self._call(stream.model_id, _step, stream.iterator, stream.encode)
                 except codec.HTTPError as error:  # the model's, or past request_timeout_s: the status is sent
                     await send({"type": "http.response.body", "body": codec.stream_error(error, stream.events),
                                 "more_body": True})
@@ -301,17 +323,21 @@ class _Server:
         finally:
             gone.cancel()
             with contextlib.suppress(Exception):  # a generator that fails as it closes has nothing left to say
-                self._apply(stream.settings.model_id, _close, stream.iterator)
+                self._apply(stream.model_id, _close, stream.iterator)
 
     async def _answer(self, settings: Settings, scope: dict[str, Any], receive: Any
                       ) -> tuple[int, list, bytes | _Stream]:
-        route = routes.resolve(scope["method"], scope["path"], scope.get("root_path", ""))
+        route, by_path = routes.resolve(scope["method"], scope["path"], scope.get("root_path", ""),
+                                        settings.models if settings.several else None)
+        name = ""
+        if settings.several:
+            name = routes.pick_model(route, by_path, _header(scope, _MODEL_HEADERS), settings.models)
         if route == routes.PREDICT:
-            return 200, *(await self._predict(settings, scope, receive))
+            return 200, *(await self._predict(settings, name, scope, receive))
         if route == routes.MANIFEST:
-            return 200, [*_JSON], settings.manifest
+            return 200, [*_JSON], settings.models[name].manifest if name else settings.manifest
         if route == routes.OPENAPI:
-            return 200, [*_JSON], settings.openapi
+            return 200, [*_JSON], settings.models[name].openapi if name else settings.openapi
         if route == routes.STATS:
             return 200, [*_JSON], read_snapshot(settings.snapshot)
         if self.block[STOP]:
@@ -319,41 +345,72 @@ class _Server:
                                   headers={"Retry-After": "1"})
         return 200, [*_JSON], json.dumps({"status": "ok", "pid": os.getpid()}).encode()
 
-    async def _predict(self, settings: Settings, scope: dict[str, Any], receive: Any
+    async def _predict(self, settings: Settings, name: str, scope: dict[str, Any], receive: Any
                        ) -> tuple[list, bytes | _Stream]:
         if not scope.get("tenfold.admitted", True):
             raise routes.overloaded(settings.retry_after_s)
         content_type = content_length = accept = None
-        for name, value in scope["headers"]:
-            if name == b"content-type":
+        for header, value in scope["headers"]:
+            if header == b"content-type":
                 content_type = value.decode("latin-1")
-            elif name == b"content-length":
+            elif header == b"content-length":
                 content_length = value.decode("latin-1")
-            elif name == b"accept":
+            elif header == b"accept":
                 accept = value.decode("latin-1")
-        media = routes.media_type(content_type, settings.interface)
+        interface = settings.models[name].interface
+        media = routes.media_type(content_type, interface)
         routes.check_declared_length(content_length, settings.max_request_bytes)
         body = await _read_body(receive, settings.max_request_bytes)
-        if settings.interface.streams:
-            return self._open_stream(settings, body, routes.wants_events(accept))
+        model_id = await self._hold(name, scope)
+        if interface.streams:
+            return self._open_stream(model_id, interface, body, routes.wants_events(accept))
         predict = codec.predict_json if media == codec.JSON_TYPE else codec.predict_arrow
-        return [(b"content-type", media.encode())], self._call(settings, predict, body, settings.interface)
+        return [(b"content-type", media.encode())], self._call(model_id, predict, body, interface)
 
-    def _open_stream(self, settings: Settings, body: bytes, events: bool) -> tuple[list, _Stream]:
+    async def _hold(self, name: str, scope: dict[str, Any]) -> str:
+        """The id of model `name` as loaded in this interpreter, counted as begun for this request (until `app`
+        ends it) so that the host drops it only once the request is answered. A model the replica has not
+        loaded is asked for (WANTED), and waited for, while this interpreter serves its other connections."""
+        since = time.monotonic_ns()
+        deadline = time.monotonic() + self.settings.load_timeout_s
+        while True:
+            served = self.settings.models[name]
+            if served.model_id is not None:
+                self.begun[served.model_id] = self.begun.get(served.model_id, 0) + 1
+                # Seen again once counted: the host takes a model out of the settings before it counts the
+                # requests on it, so a model still here now is dropped only after this request.
+                if self.settings.models[name].model_id == served.model_id:
+                    scope["tenfold.model"] = served.model_id
+                    self.block[USED_BASE + served.index] = time.monotonic_ns()
+                    return served.model_id
+                self.begun[served.model_id] -= 1
+                continue
+            if served.error is not None and served.error[1] >= since:
+                raise codec.HTTPError(f"model {name!r} could not be loaded on this replica: {served.error[0]}",
+                                      status=503, kind="ModelUnavailable")
+            if time.monotonic() > deadline:
+                raise codec.HTTPError(f"model {name!r} was not loaded within {self.settings.load_timeout_s:g} s",
+                                      status=503, kind="ModelUnavailable", headers={"Retry-After": "1"})
+            word, bit = divmod(served.index, MODEL_BITS)
+            self.block[WANTED_BASE + word] |= 1 << bit
+            await asyncio.sleep(0.005)
+
+    def _open_stream(self, model_id: str, interface: codec.Interface, body: bytes, events: bool
+                     ) -> tuple[list, _Stream]:
         """A streaming model's iterator on this request, and its first item: bad inputs, and a model that fails
         before its first item, are answered with their status."""
         encode = codec.encode_event if events else codec.encode_line
-        iterator = self._call(settings, codec.open_json, body, settings.interface)
+        iterator = self._call(model_id, codec.open_json, body, interface)
         try:
-            first = self._call(settings, _step, iterator, encode)
+            first = self._call(model_id, _step, iterator, encode)
         except BaseException:
-            self._apply(settings.model_id, _close, iterator)
+            self._apply(model_id, _close, iterator)
             raise
         media = codec.EVENT_STREAM_TYPE if events else codec.NDJSON_TYPE
         return ([(b"content-type", media.encode()), (b"cache-control", b"no-cache")],
-                _Stream(settings, iterator, first, encode, events))
+                _Stream(model_id, iterator, first, encode, events))
 
-    def _call(self, settings: Settings, fn: Any, *args: Any) -> Any:
+    def _call(self, model_id: str, fn: Any, *args: Any) -> Any:
         """The model's answer, computed right here on the server's thread: this interpreter does nothing else
         meanwhile, and the other interpreters take the other connections."""
         block = self.block
@@ -363,7 +420,7 @@ class _Server:
             started = block[CURRENT_NS] = time.monotonic_ns()
         try:
             try:
-                return self._apply(settings.model_id, fn, *args)
+                return self._apply(model_id, fn, *args)
             finally:
                 with self._interrupt_lock:
                     block[CURRENT_NS] = 0
@@ -381,12 +438,23 @@ class _Server:
             raise routes.model_error(exc) from None
 
 
+#: Serve's proxy takes its multiplexing header with underscores or dashes: so does this server.
+_MODEL_HEADERS = (routes.MODEL_HEADER.encode(), routes.MODEL_HEADER.replace("_", "-").encode())
+
+
+def _header(scope: dict[str, Any], names: tuple[bytes, ...]) -> str | None:
+    for header, value in scope["headers"]:
+        if header in names:
+            return value.decode("latin-1")
+    return None
+
+
 @dataclass
 class _Stream:
-    """A streaming answer in progress: the settings it began with (its model), the model's iterator, its first
-    item (encoded), and how to encode."""
+    """A streaming answer in progress: its model, the model's iterator, its first item (encoded), and how to
+    encode."""
 
-    settings: Settings
+    model_id: str
     iterator: Any
     first: bytes | None
     encode: Any

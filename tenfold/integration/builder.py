@@ -12,9 +12,10 @@ from ray.serve import Application
 from ray.serve.config import BackpressureConfig
 
 from .archive_cache import ArchiveLocator, file_stamp, this_node
-from .config import AppArgs, DeployError, check_model
+from .catalog import DEFAULT_NAME, Catalog
+from .config import AppArgs, ArchiveRef, DeployError, check_model
 from .deployment import TenfoldModel
-from .sources import ArchiveSource, ArchiveUnavailable, fetch_with_digest
+from .sources import ArchiveUnavailable, fetch_with_digest
 
 #: Serve's settings for a replica process that tenfold sets (a user's env_vars override them). Every method of a
 #: tenfold replica is async and hands its work to the pool, so user code can run on the replica's event loop
@@ -83,11 +84,13 @@ def _deployment_options(args: AppArgs, name: str) -> dict[str, Any]:
 
 
 def app_builder(args: AppArgs) -> Application:
-    """Reads and checks the archive once (from a path, file://, s3:// or http(s)://) and binds where it is,
+    """Reads and checks each archive once (from a path, file://, s3:// or http(s)://) and binds where it is,
     with its digest, into the deployment; nothing is put anywhere, and no process is started for it.
 
     A deployment's `user_config` (`ModelUpdate`: archive and sha256) overrides the archive, and a `serve deploy`
-    that changes only that updates the running replicas in place (see `TenfoldModel.reconfigure`).
+    that changes only that updates the running replicas in place (see `TenfoldModel.reconfigure`). With
+    `archives` (several models by name), each replica loads a model into its interpreters on the first request
+    for it (see `tenfold.integration.catalog`).
 
     Each replica maps a local archive itself (one copy per node, in the page cache) or takes a remote one
     from the node's object store, where the first replica that needs it puts it; a replica on a node that
@@ -95,23 +98,35 @@ def app_builder(args: AppArgs) -> Application:
     `tenfold.integration.archive_cache`). `args` may be an `AppArgs` or a dict of its fields (as in a
     `serve run` YAML's `args`).
     """
+    args = AppArgs.model_validate(args) if not isinstance(args, AppArgs) else args
+    entries = {name: _read(args, name, ref) for name, ref in args.archive_refs.items()}
+    _check_resources(args)
+    options = _deployment_options(args, args.name or (DEFAULT_NAME if args.serves_several else entries[""][1].name))
+    deployment = serve.deployment(TenfoldModel).options(**options)
+    workdir = os.getcwd()  # where relative paths are taken from, for an archive given later in user_config
+    bound_args = args.model_dump(mode="json", exclude_unset=True)
+    if not args.serves_several:
+        return deployment.bind(entries[""][0], bound_args, workdir)
+    return deployment.bind(Catalog.of(entries), bound_args, workdir)
+
+
+def _read(args: AppArgs, name: str, ref: ArchiveRef) -> tuple[ArchiveLocator, Any]:
+    """Read and check one archive; where it is, and its manifest. DeployError naming it when it cannot be
+    served with `args`."""
     from tenfold.packaging import Archive, PackageError
 
-    args = AppArgs.model_validate(args) if not isinstance(args, AppArgs) else args
-    source = ArchiveSource.parse(args.archive, endpoint_url=args.endpoint_url)
+    source = args.source_of(ref)
     try:
         # Stamped before it is read: a file changed from here on no longer matches, and is hashed again.
         stamp = file_stamp(source.location) if source.is_local else None
-        view, digest = fetch_with_digest(source, sha256=args.sha256)
-        archive = Archive(view, source.describe())
-        manifest = archive.verify()
+        view, digest = fetch_with_digest(source, sha256=ref.sha256)
+        manifest = Archive(view, source.describe()).verify()
     except (ArchiveUnavailable, PackageError) as exc:  # each names the source
-        raise DeployError(f"refusing to deploy: {exc}") from exc
-    locator = ArchiveLocator(source, digest, len(view), stamp, this_node() if source.is_local else None)
-    del archive, view
-    check_model(args, manifest)
-    _check_resources(args)
-    name = args.name or manifest.name
-    deployment = serve.deployment(TenfoldModel).options(**_deployment_options(args, name))
-    # The directory relative paths are taken from, for an archive given later in user_config.
-    return deployment.bind(locator, args.model_dump(mode="json", exclude_unset=True), os.getcwd())
+        raise DeployError(f"refusing to deploy{f' archives[{name!r}]' if name else ''}: {exc}") from exc
+    try:
+        check_model(args, manifest)
+    except DeployError as exc:
+        if not name:
+            raise
+        raise DeployError(f"archives[{name!r}]: {exc}") from None
+    return ArchiveLocator(source, digest, len(view), stamp, this_node() if source.is_local else None), manifest

@@ -66,6 +66,13 @@ class InvalidInput(HTTPError, ValueError):
     kind = "InvalidInput"
 
 
+class ModelNotFound(HTTPError, LookupError):
+    """A request names a model the application does not serve (404; a LookupError through a handle)."""
+
+    status = 404
+    kind = "ModelNotFound"
+
+
 class PayloadTooLarge(HTTPError):
     status = 413
     kind = "PayloadTooLarge"

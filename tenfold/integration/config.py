@@ -28,6 +28,11 @@ DEFAULT_INTERPRETERS = 2
 #: tensor batches, best sent as Arrow.
 DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+#: A model's name in an application of several archives: one segment of a URL path (`POST /{name}`).
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._~-]{0,127}")
+#: Models one application may name. The interpreters' HTTP servers tell the replica which models they are asked
+#: for in a bit per model (see `tenfold.integration._server`).
+MAX_ARCHIVES = 256
 
 
 class DeployError(ValueError):
@@ -74,17 +79,47 @@ class AutoscalingArgs(BaseModel):
         return self
 
 
+class ArchiveRef(BaseModel):
+    """One of the archives of an application that serves several (`AppArgs.archives`): where it is, and its pin."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    archive: str = Field(
+        description="Where the archive is, in any form `AppArgs.archive` takes (a local path, file://, s3://, "
+        "http(s)://). Every form but a local file needs sha256."
+    )
+    sha256: str | None = Field(None, description="Expected hex sha256 of the whole archive; refuse any other.")
+    endpoint_url: str | None = Field(
+        None, description="S3-compatible store serving an s3:// archive (default: the application's endpoint_url)."
+    )
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex_digest(cls, value: str | None) -> str | None:
+        return _digest(value)
+
+
 class AppArgs(BaseModel):
     """Arguments of `tenfold.integration:app_builder`, one field per knob; unknown keys are refused."""
 
     model_config = ConfigDict(extra="forbid")
 
-    archive: str = Field(
-        description="Where the torch.package archive is, read once by the builder: a local path (relative to the "
-        "directory the application is built in), file:///absolute/path, s3://bucket/key (see endpoint_url) or "
-        "http(s)://host/path. Every form but a local file needs sha256."
+    archive: str | None = Field(
+        None, description="Where the torch.package archive is, read once by the builder: a local path (relative to "
+        "the directory the application is built in), file:///absolute/path, s3://bucket/key (see endpoint_url) or "
+        "http(s)://host/path. Every form but a local file needs sha256. Give this or `archives`."
     )
     sha256: str | None = Field(None, description="Expected hex sha256 of the whole archive; refuse any other.")
+    archives: dict[str, ArchiveRef] | None = Field(
+        None, description="Several models in one application, by name: {name: {archive: ..., sha256: ...}} (or "
+        "{name: path} for a local file). A request picks one by its path (POST /{name}) or by Serve's "
+        "multiplexing (the serve_multiplexed_model_id header, handle.options(multiplexed_model_id=name)); a replica "
+        "loads each into all its interpreters on first use. Give this or `archive`."
+    )
+    max_models_per_replica: PositiveInt | None = Field(
+        None, description="With `archives`: how many a replica holds at once; loading one more unloads the least "
+        "recently used, and its weights' memory goes with it (default: all of them)."
+    )
     require_sha256: bool = Field(False, description="Refuse to deploy an archive whose sha256 is not pinned.")
     endpoint_url: str | None = Field(
         None, description="S3-compatible store serving an s3:// archive, e.g. http://minio:9000 (default: "
@@ -171,6 +206,29 @@ class AppArgs(BaseModel):
     def _hex_digest(cls, value: str | None) -> str | None:
         return _digest(value)
 
+    @field_validator("archives", mode="before")
+    @classmethod
+    def _archive_refs(cls, value: Any) -> Any:
+        if isinstance(value, dict):  # {name: path} is short for {name: {archive: path}}
+            return {name: {"archive": ref} if isinstance(ref, str) else ref for name, ref in value.items()}
+        return value
+
+    @field_validator("archives")
+    @classmethod
+    def _model_names(cls, value: dict[str, ArchiveRef] | None) -> dict[str, ArchiveRef] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("archives names no archive: give at least one {name: {archive: ..., sha256: ...}}")
+        if len(value) > MAX_ARCHIVES:
+            raise ValueError(f"archives names {len(value)} archives, more than {MAX_ARCHIVES} per application; "
+                             "split them into several applications")
+        bad = [name for name in value if not _MODEL_NAME.fullmatch(name)]
+        if bad:
+            raise ValueError(f"archive names {bad} cannot be a segment of a URL path (POST /{{name}}): use letters, "
+                             "digits and . _ ~ -, starting with a letter or digit, at most 128")
+        return value
+
     @field_validator("max_queued_requests")
     @classmethod
     def _queue_bound(cls, value: int) -> int:
@@ -180,8 +238,6 @@ class AppArgs(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> AppArgs:
-        if self.require_sha256 and self.sha256 is None:
-            raise ValueError(f"require_sha256 is set but no sha256 is pinned for {self.archive!r}")
         if self.autoscaling is not None and "num_replicas" in self.model_fields_set:
             raise ValueError("set either num_replicas or autoscaling, not both")
         if self.http_port is not None and self.http_drain_timeout_s > self.graceful_shutdown_timeout_s:
@@ -201,10 +257,42 @@ class AppArgs(BaseModel):
 
     @model_validator(mode="after")
     def _archive_source(self) -> AppArgs:
+        if (self.archive is None) == (self.archives is None):
+            raise ValueError("give either archive (one model) or archives (several, by name), not "
+                             + ("both" if self.archive is not None else "neither"))
+        if self.archives is not None:
+            if self.sha256 is not None:
+                raise ValueError("sha256 pins archive; with archives, give each its own sha256")
+        elif self.max_models_per_replica is not None:
+            raise ValueError("max_models_per_replica bounds the models of archives; with archive there is one")
         # A form the builder cannot read is refused here; an archive from the network runs pickled code, so only
         # its digest makes it trustworthy.
-        check_pinned(ArchiveSource.parse(self.archive, endpoint_url=self.endpoint_url), self.sha256)
+        for name, ref in self.archive_refs.items():
+            where = f"archives[{name!r}]: " if self.archives is not None else ""
+            if self.require_sha256 and ref.sha256 is None:
+                raise ValueError(f"{where}require_sha256 is set but no sha256 is pinned for {ref.archive!r}")
+            try:
+                check_pinned(self.source_of(ref), ref.sha256)
+            except ValueError as exc:
+                raise ValueError(f"{where}{exc}") from None
         return self
+
+    @property
+    def serves_several(self) -> bool:
+        """Whether the application serves several archives, picked per request by name."""
+        return self.archives is not None
+
+    @property
+    def archive_refs(self) -> dict[str, ArchiveRef]:
+        """The application's archives by name; the one of `archive` is named "" (served at /)."""
+        if self.archives is not None:
+            return dict(self.archives)
+        assert self.archive is not None  # one of the two, checked above
+        return {"": ArchiveRef(archive=self.archive, sha256=self.sha256, endpoint_url=self.endpoint_url)}
+
+    def source_of(self, ref: ArchiveRef) -> ArchiveSource:
+        """Where `ref`'s archive is (its endpoint_url, else the application's)."""
+        return ArchiveSource.parse(ref.archive, endpoint_url=ref.endpoint_url or self.endpoint_url)
 
     @property
     def replica_interpreters(self) -> int:

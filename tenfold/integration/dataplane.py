@@ -27,6 +27,7 @@ from .config import AppArgs
 _logger = logging.getLogger("ray.serve")
 _WATCH_S = 0.25
 _SNAPSHOT_S = 0.5
+_WANTS_S = 0.02  # how often the servers' requests for a model not loaded are looked for
 _SNAPSHOT_BYTES = 1 << 16
 
 
@@ -62,6 +63,7 @@ class _Watched:
         self.window_s = window_s
         self.samples: collections.deque[tuple[int, int]] = collections.deque()
         self.reported = [0] * _server.FIELDS  # what the metrics were last given
+        self.used = [0] * _server.MAX_MODELS  # each model's last request, as the host last read it
 
     def busy_ns(self, now: int) -> int:
         started = self.block[_server.CURRENT_NS]
@@ -83,16 +85,20 @@ class _Watched:
 class DataPlane:
     """The HTTP servers of one replica's interpreters on `args.http_port`, started here."""
 
-    def __init__(self, pool: InterpreterPool, model_id: str, args: AppArgs, *, owner: str, interface: Any,
-                 manifest: bytes, openapi: bytes, stats: Callable[[], dict[str, Any]],
-                 metrics: Any | None = None, window_s: float = 10.0) -> None:
+    def __init__(self, pool: InterpreterPool, models: dict[str, _server.Served], args: AppArgs, *, owner: str,
+                 manifest: bytes, openapi: bytes, stats: Callable[[], dict[str, Any]], metrics: Any | None = None,
+                 window_s: float = 10.0, wanted: Callable[[str], None] | None = None,
+                 used: Callable[[str], None] | None = None) -> None:
         if args.http_port is None:
             raise ValueError("the data plane needs http_port")
         self._pool, self._args, self._stats, self._metrics = pool, args, stats, metrics
         self._window_s = window_s
         self._lock = threading.Lock()
+        self._settings_lock = threading.Lock()  # one change of the servers' settings at a time
         self._watched: dict[int, _Watched] = {}
         self._stopping = threading.Event()
+        self._names = {served.index: name for name, served in models.items()}
+        self._wanted, self._used = wanted, used
         self.snapshot = Snapshot()
         self._peers = (ctypes.c_int64 * _server.PEERS)()  # the servers' blocks, for their acceptors to compare
         self.listener = listener.listen(args.http_host, args.http_port, owner)
@@ -101,7 +107,7 @@ class DataPlane:
         if args.max_queued_requests >= 0:
             per_interpreter = -(-(args.replica_max_ongoing_requests + args.max_queued_requests) // pool.size)
         self.settings = _server.Settings(
-            model_id=model_id, interface=interface, max_request_bytes=args.max_request_bytes,
+            models=dict(models), several=args.serves_several, max_request_bytes=args.max_request_bytes,
             request_timeout_s=args.request_timeout_s, read_timeout_s=args.http_read_timeout_s,
             keep_alive_s=args.http_keep_alive_s, drain_timeout_s=args.http_drain_timeout_s,
             max_connections=per_interpreter, retry_after_s=args.retry_after_s, manifest=manifest, openapi=openapi,
@@ -158,15 +164,22 @@ class DataPlane:
         if not self._watcher.is_alive() and not self._stopping.is_set():
             raise RuntimeError(f"the watcher of the HTTP servers on port {self._args.http_port} stopped")
 
-    def switch(self, model_id: str, *, interface: Any, manifest: bytes, openapi: bytes) -> None:
-        """Serve model `model_id` on the port from now on: each server takes it between two requests (those it
-        has begun end on the model they began on; see `requests_on`), and a replacement interpreter starts
-        with it."""
-        settings = dataclasses.replace(self.settings, model_id=model_id, interface=interface, manifest=manifest,
-                                       openapi=openapi)
-        token = self._pool.add_setup(_server.start, self.listener.fileno(), settings)
-        self._pool.remove_setup(self._setup)
-        self._setup, self.settings = token, settings
+    def serve(self, name: str, served: _server.Served, *, manifest: bytes | None = None,
+              openapi: bytes | None = None) -> None:
+        """Serve model `name` as `served` says from now on (a model loaded, unloaded, updated, or one the replica
+        could not load), and the application's manifest and OpenAPI bodies, if given: each server takes the new
+        settings between two requests (those it has begun end on the model they began on; see `requests_on`),
+        and a replacement interpreter starts with them. Returns once every server has them."""
+        with self._settings_lock:
+            changes: dict[str, Any] = {"models": {**self.settings.models, name: served}}
+            if manifest is not None:
+                changes["manifest"] = manifest
+            if openapi is not None:
+                changes["openapi"] = openapi
+            settings = dataclasses.replace(self.settings, **changes)
+            token = self._pool.add_setup(_server.start, self.listener.fileno(), settings)
+            self._pool.remove_setup(self._setup)
+            self._setup, self.settings = token, settings
 
     def requests_on(self, model_id: str) -> int:
         """Requests on the port that began on model `model_id` and are not yet answered, in all interpreters."""
@@ -188,12 +201,15 @@ class DataPlane:
 
     def _watch(self) -> None:
         last_snapshot = 0.0
-        while not self._stopping.wait(_WATCH_S):
+        while not self._wait_watching_models(_WATCH_S):
             try:
                 now = time.monotonic_ns()
                 stats = self._pool.stats()  # one snapshot for both: reading it computes every utilization
                 self._check_servers(now, stats)
                 self._refresh(stats)
+                if self._used is not None:
+                    for name in self._take_used():  # in the order they were last used
+                        self._used(name)
                 if time.monotonic() - last_snapshot >= _SNAPSHOT_S:
                     last_snapshot = time.monotonic()
                     self.snapshot.write(json.dumps(self._stats()).encode())
@@ -201,6 +217,47 @@ class DataPlane:
             except Exception:  # noqa: BLE001 - the watcher must outlive any one bad round
                 if not self._stopping.is_set():
                     _logger.exception("watching the interpreters' HTTP servers failed")
+
+    def _wait_watching_models(self, timeout_s: float) -> bool:
+        """Wait `timeout_s`, or until the data plane stops (True), passing on the models the servers ask for
+        meanwhile: a request waits for its model while the replica loads it."""
+        if self._wanted is None:
+            return self._stopping.wait(timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while not self._stopping.wait(max(0.0, min(_WANTS_S, deadline - time.monotonic()))):
+            for name in self._take_wanted():
+                self._wanted(name)
+            if time.monotonic() >= deadline:
+                return False
+        return True
+
+    def _take_wanted(self) -> set[str]:
+        """The models the servers' requests wait for, their bits cleared as they are read (a server sets a bit
+        again at its next look while its request waits)."""
+        with self._lock:
+            blocks = [w.block for w in self._watched.values()]
+        names: set[str] = set()
+        for block in blocks:
+            for word in range(_server.MODEL_WORDS):
+                bits = block[_server.WANTED_BASE + word]
+                if bits:
+                    block[_server.WANTED_BASE + word] = 0
+                    names.update(self._names[i] for i in range(word * _server.MODEL_BITS, (word + 1) *
+                                 _server.MODEL_BITS) if bits >> (i % _server.MODEL_BITS) & 1 and i in self._names)
+        return names
+
+    def _take_used(self) -> list[str]:
+        """The models requested on the port since the last look, least recently first."""
+        with self._lock:
+            watched = list(self._watched.values())
+        last: dict[str, int] = {}
+        for w in watched:
+            for index, name in self._names.items():
+                ns = w.block[_server.USED_BASE + index]
+                if ns > w.used[index]:
+                    w.used[index] = ns
+                    last[name] = max(ns, last.get(name, 0))
+        return sorted(last, key=last.__getitem__)
 
     def _check_servers(self, now: int, stats: PoolStats) -> None:
         args = self._args

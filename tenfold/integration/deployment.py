@@ -10,22 +10,24 @@ one host thread, which serves every interpreter, only moves bytes.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import numpy as np
 import ray
 from ray import serve
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from tenfold.packaging import ModelStream, ValueSpec, _values
+from tenfold.packaging import ModelStream
+from tenfold.packaging.replicated import prepare_interpreter
 from tenfold.runtime import (
     InterpreterLost,
     InterpreterPool,
@@ -36,9 +38,11 @@ from tenfold.runtime import (
     remote_traceback,
 )
 
-from . import archive_cache, codec, logs, openapi, policy, routes, updates
+from . import archive_cache, batching, catalog, codec, logs, openapi, policy, routes, updates
+from ._server import Served
 from .archive_cache import ArchiveLocator
-from .config import AppArgs, ModelUpdate
+from .catalog import Catalog
+from .config import AppArgs, DeployError, ModelUpdate
 from .dataplane import DataPlane
 from .metrics import ReplicaMetrics
 from .routes import RequestTimeout
@@ -49,44 +53,100 @@ _CANCELLED = 499
 
 
 class TenfoldModel:
-    """Serves one torch.package archive from `interpreters` interpreters of this replica's process.
+    """Serves one torch.package archive, or several by name, from `interpreters` interpreters of this replica's
+    process.
 
-    Callers: `handle.remote(*inputs)` takes the model's positional inputs as Python values (tensors,
-    arrays or nested lists for tensor inputs) and returns its result; HTTP `POST /` takes JSON (or Arrow
-    IPC for tensor models, see `tenfold.integration.codec`); `GET /-/manifest` returns the manifest,
-    `GET /-/openapi.json` the OpenAPI document of `POST /`, and `GET /-/stats` the interpreters' figures.
+    Callers: `handle.remote(*inputs)` takes the model's positional inputs as Python values (tensors, arrays or
+    nested lists for tensor inputs) and returns its result; HTTP `POST /` takes JSON (or Arrow IPC for tensor
+    models, see `tenfold.integration.codec`); `GET /-/manifest` returns the manifest, `GET /-/openapi.json` the
+    OpenAPI document of `POST /`, and `GET /-/stats` the interpreters' figures. An application of several archives
+    (a `Catalog`) serves each at `/{name}`, or at `/` for requests that name it in Serve's multiplexing header
+    (`handle.options(multiplexed_model_id=name)` for handles), and loads it on the first request for it.
     """
 
-    def __init__(self, archive: ArchiveLocator, args: dict[str, Any], workdir: str | None = None) -> None:
-        from tenfold.packaging import replicate
-        from tenfold.packaging.replicated import prepare_interpreter
-
+    def __init__(self, archive: ArchiveLocator | Catalog, args: dict[str, Any], workdir: str | None = None) -> None:
         started = time.perf_counter()
         logs.install()
         bound_free_heap()  # the host's malloc too (pitfall 16): bodies pass through it on Serve's route
         self._args = AppArgs.model_validate(args)
-        self._deployed, self._workdir = archive, workdir
+        self._catalog = archive if isinstance(archive, Catalog) else None
+        self._workdir = workdir
         self._updates = 0
         self._refused: dict[str, Any] | None = None  # the last update this replica refused, and why
-        self._retiring: list[updates.ModelVersion] = []
+        self._retiring: list[updates.ModelVersion] = []  # versions replaced or unloaded, dropped once unused
         self._updating = asyncio.Lock()
+        self._leases: collections.Counter[str] = collections.Counter()  # model id -> requests holding it
+        self._batchers: dict[str, Any] = {}  # model id -> Serve's batcher of requests to it
+        self._held: dict[str, updates.ModelVersion] = {}  # several archives: those loaded, by name
+        self._wanted: set[str] = set()  # several archives: those loading for requests on http_port
+        self._used_at: dict[str, float] = {}  # several archives: when each was last asked for
+        self._closing = False
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()  # Serve's, for user code
+        except RuntimeError:  # built outside a replica
+            self._loop = None
+        window = self._args.autoscaling.look_back_period_s if self._args.autoscaling else 10.0
+        pool_args: dict[str, Any] = dict(
+            backend=self._args.backend, threads_per_interpreter=self._args.threads_per_interpreter,
+            utilization_window_s=window, replace_lost=self._args.replace_lost_interpreters,
+            initializer=prepare_interpreter)  # torch imported while this thread gets the archive
+        self._deployed: ArchiveLocator | None = None
+        if isinstance(archive, Catalog):
+            if _user_config():
+                raise DeployError("an application of several archives takes no user_config: change a model by "
+                                  "its entry in args.archives (Serve replaces the replicas)")
+            self._pool = InterpreterPool(self._args.replica_interpreters, **pool_args)
+            self._version: updates.ModelVersion | None = None
+            loaded = f"{len(archive)} models, each loaded on its first request"
+            # Serve's multiplexing: its router prefers the replicas that hold a model, and it unloads the least
+            # recently used one past max_models_per_replica. It takes a plain function (it keeps its cache on it).
+            async def load(name: str) -> catalog.Held:
+                return await self._load_held(name)
+
+            self._multiplexed = serve.multiplexed(max_num_models_per_replica=self._args.max_models_per_replica or -1
+                                                  )(load)
+        else:
+            self._deployed = archive
+            self._version = self._start_with(archive, pool_args)
+            loaded = f"archive from {self._version.archive.origin}"
+        _logger.info("tenfold replica ready in %.2f s: %d interpreters, %s", time.perf_counter() - started,
+                     self._pool.size, loaded)
+        self._metrics = ReplicaMetrics()
+        self._ping: asyncio.Future | None = None
+        self._heaps: dict[int, int] = {}  # each interpreter's heap in use at the last ping
+        self._memory: dict[str, Any] = {}  # what the last ping measured (see _memory_body)
+        self._losses: dict[int, int] = {}  # losses counted per place
+        self._lost_bytes = 0
+        self._recycling: str | None = None
+        self._calls_at_last_check = -1
+        self._dataplane: DataPlane | None = None
+        if self._args.http_port is not None:
+            try:
+                several = self._catalog is not None
+                self._dataplane = DataPlane(
+                    self._pool, self._served_models(), self._args, owner=serve.get_replica_context().app_name,
+                    manifest=codec.json.dumps(self._manifest_body()).encode(),
+                    openapi=codec.json.dumps(self._openapi()).encode(), stats=self._stats_body,
+                    metrics=self._metrics, window_s=window, wanted=self._port_wants if several else None,
+                    used=self._port_used if several else None,
+                )
+            except BaseException:
+                self._close()
+                raise
+            _logger.info("tenfold replica serves port %d from its %d interpreters", self._dataplane.port,
+                         self._pool.size)
+
+    def _start_with(self, archive: ArchiveLocator, pool_args: dict[str, Any]) -> updates.ModelVersion:
+        """Start the pool and load the application's one archive (or the one its user_config names) into it."""
+        started = time.perf_counter()
         # Serve calls reconfigure(user_config) right after this: a replica started with one loads its archive now,
         # not the application's first. One that fails to is refused (Serve reports its error).
         pending = _user_config()
         if pending:
-            archive = updates.locate(ModelUpdate.model_validate(pending), workdir=workdir, deployed=archive)
-        window = self._args.autoscaling.look_back_period_s if self._args.autoscaling else 10.0
+            archive = updates.locate(ModelUpdate.model_validate(pending), workdir=self._workdir, deployed=archive)
         # The interpreters start (one core each) while this thread maps or fetches the archive.
         with ThreadPoolExecutor(1, thread_name_prefix="tenfold-start") as starter:
-            starting = starter.submit(
-                InterpreterPool,
-                self._args.replica_interpreters,
-                backend=self._args.backend,
-                threads_per_interpreter=self._args.threads_per_interpreter,
-                utilization_window_s=window,
-                replace_lost=self._args.replace_lost_interpreters,
-                initializer=prepare_interpreter,  # torch imported while this thread gets the archive
-            )
+            starting = starter.submit(InterpreterPool, self._args.replica_interpreters, **pool_args)
             try:
                 # A user_config's archive that is not the file pinned is the update's error, not a changed file.
                 resolved_archive = (updates.resolve if pending else archive_cache.resolve)(archive)
@@ -103,84 +163,157 @@ class TenfoldModel:
         pooled = time.perf_counter()
         try:
             if pending:  # checked here as the builder checks the application's archive (it releases it on failure)
-                self._version = updates.load_version(self._pool, archive, self._args, resolved=resolved_archive)
+                version = updates.load_version(self._pool, archive, self._args, resolved=resolved_archive)
             else:
                 # Verified against the digest bound at deploy time by resolve(): not hashed again.
-                try:
-                    model = replicate(self._pool, resolved_archive.buffer)
-                except BaseException:
-                    archive_cache.release(resolved_archive)
-                    raise
-                self._version = updates.serve_version(archive, resolved_archive, model)
+                version = updates.replicate_version(self._pool, archive, resolved_archive)
         except BaseException:
             self._pool.shutdown(wait=True)
             raise
-        _logger.info("tenfold replica ready in %.2f s: archive from %s in %.2f s, %d interpreters with torch in "
-                     "%.2f s, model loaded in %.2f s", time.perf_counter() - started, self._archive.origin,
-                     resolved - started, self._pool.size, pooled - started, time.perf_counter() - pooled)
-        self._metrics = ReplicaMetrics()
-        self._batched: Any = None
-        self._batched_values: bool | None = None  # what self._batched joins: Python values, or tensors
-        self._batch_for(self._interface)
-        self._ping: asyncio.Future | None = None
-        self._heaps: dict[int, int] = {}  # each interpreter's heap in use at the last ping
-        self._memory: dict[str, Any] = {}  # what the last ping measured (see _memory_body)
-        self._losses: dict[int, int] = {}  # losses counted per place
-        self._lost_bytes = 0
-        self._recycling: str | None = None
-        self._calls_at_last_check = -1
-        self._dataplane: DataPlane | None = None
-        if self._args.http_port is not None:
+        _logger.info("tenfold replica: archive from %s in %.2f s, %d interpreters with torch in %.2f s, model "
+                     "loaded in %.2f s", version.archive.origin, resolved - started, self._pool.size,
+                     pooled - started, time.perf_counter() - pooled)
+        return version
+
+    # -- the versions served -------------------------------------------------------------------
+
+    async def _serving(self, name: str = "") -> updates.ModelVersion:
+        """The version serving model `name` ("" in an application of one archive), loaded first if it is not.
+        Take a `_lease` on it before the next await."""
+        if self._catalog is None:
+            assert self._version is not None
+            return self._version
+        held = await self._multiplexed(name)
+        self._used_at[name] = time.time()
+        return held.version
+
+    @contextlib.contextmanager
+    def _lease(self, version: updates.ModelVersion) -> Iterator[None]:
+        """Keep `version` from being dropped while a request holds it (from its route to its answer)."""
+        key = version.model.model_id
+        self._leases[key] += 1
+        try:
+            yield
+        finally:
+            self._leases[key] -= 1
+            if not self._leases[key]:
+                del self._leases[key]
+
+    def _still_used(self, model_id: str) -> int:
+        """Requests that hold model `model_id`: on Serve's route and handles, and on http_port."""
+        return self._leases.get(model_id, 0) + (0 if self._dataplane is None else
+                                                self._dataplane.requests_on(model_id))
+
+    def _versions(self) -> list[updates.ModelVersion]:
+        """The versions this replica serves now."""
+        return list(dict(self._held).values()) if self._catalog is not None else [v for v in [self._version] if v]
+
+    def _retire(self, version: updates.ModelVersion) -> None:
+        """Drop `version` once no request holds it (see `updates.retire`)."""
+        self._retiring.append(version)
+
+        def done(v: updates.ModelVersion) -> None:
+            self._retiring.remove(v)
+            self._batchers.pop(v.model.model_id, None)
+
+        updates.retire(version, still_used=self._still_used, grace_s=self._args.graceful_shutdown_timeout_s,
+                       done=done)
+
+    def _served(self, version: updates.ModelVersion) -> Served:
+        """How the servers on http_port serve an application's one model, as `version`."""
+        return Served(version.model.model_id, version.interface)
+
+    def _served_models(self) -> dict[str, Served]:
+        if self._catalog is None:
+            assert self._version is not None
+            return {"": self._served(self._version)}
+        return {e.name: self._declared(e) for e in self._catalog}
+
+    def _declared(self, entry: catalog.Entry, version: updates.ModelVersion | None = None,
+                  error: tuple[str, int] | None = None) -> Served:
+        """How the servers on http_port serve model `entry` of several: loaded as `version`, or not loaded."""
+        return Served(None if version is None else version.model.model_id, codec.Interface.of(entry.manifest),
+                      entry.index, codec.json.dumps(entry.body()).encode(),
+                      codec.json.dumps(openapi.document(entry.manifest, title=entry.name, sha256=entry.locator.sha256)
+                                       ).encode(), error)
+
+    # -- several archives: loaded on first use, the least recently used unloaded -----------------
+
+    async def _load_held(self, name: str) -> catalog.Held:
+        """Load model `name` into every interpreter (Serve's multiplexing calls this for a model it does not hold,
+        one at a time). A model that cannot be loaded is a 503 that says why; the next request tries again."""
+        assert self._catalog is not None
+        entry = self._catalog.entry(name)
+        t0 = time.perf_counter()
+        try:
+            version = await asyncio.to_thread(self._load_entry, entry)
+        except Exception as exc:  # noqa: BLE001 - said to the caller, and to those waiting on http_port
+            reason = f"{type(exc).__name__}: {exc}"
+            _logger.error("tenfold replica could not load model %r from %s: %s", name, entry.locator.describe(),
+                          reason)
+            if self._dataplane is not None:
+                await asyncio.to_thread(self._dataplane.serve, name,
+                                        self._declared(entry, error=(reason, time.monotonic_ns())))
+            raise codec.HTTPError(f"model {name!r} could not be loaded on this replica: {reason}", status=503,
+                                  kind="ModelUnavailable") from exc
+        self._held[name] = version
+        _logger.info("tenfold replica loaded model %r (%s) into %d interpreters in %.2f s (%d of %s held)", name,
+                     entry.locator.describe(), self._pool.size, time.perf_counter() - t0, len(self._held),
+                     self._args.max_models_per_replica or len(self._catalog))
+        return catalog.Held(version, functools.partial(self._unload, name, version))
+
+    def _load_entry(self, entry: catalog.Entry) -> updates.ModelVersion:
+        """Model `entry`, loaded into every interpreter at once (on a worker thread); http_port serves it once
+        this returns."""
+        version = updates.replicate_version(self._pool, entry.locator, archive_cache.resolve(entry.locator))
+        if self._dataplane is not None:
             try:
-                self._dataplane = DataPlane(
-                    self._pool, self._model.model_id, self._args, owner=serve.get_replica_context().app_name,
-                    interface=self._interface, manifest=codec.json.dumps(self._manifest_body()).encode(),
-                    openapi=codec.json.dumps(self._openapi()).encode(), stats=self._stats_body,
-                    metrics=self._metrics, window_s=window,
-                )
+                self._dataplane.serve(entry.name, self._declared(entry, version))
             except BaseException:
-                self._close()
+                updates.drop(version)
                 raise
-            _logger.info("tenfold replica serves port %d from its %d interpreters", self._dataplane.port,
-                         self._pool.size)
+        return version
 
-    # What the version being served holds: read once per request, so that an update in between leaves the
-    # request on one version.
-    @property
-    def _model(self) -> Any:
-        return self._version.model
-
-    @property
-    def _manifest(self) -> Any:
-        return self._version.manifest
-
-    @property
-    def _interface(self) -> codec.Interface:
-        return self._version.interface
-
-    @property
-    def _locator(self) -> ArchiveLocator:
-        return self._version.locator
-
-    @property
-    def _archive(self) -> archive_cache.Resolved:
-        return self._version.archive
-
-    @property
-    def _batches_values(self) -> bool:
-        return self._interface.takes_values  # checked at deploy and at each update: list in, list out
-
-    def _batch_for(self, interface: codec.Interface) -> None:
-        """Serve's batcher for requests to a model of `interface`, if batching is on (a new one when an update
-        changes what is joined: Python values, or tensors)."""
-        if self._args.max_batch_size is None or self._batched_values == interface.takes_values:
+    async def _unload(self, name: str, version: updates.ModelVersion) -> None:
+        """Serve unloads model `name` (the least recently used, past max_models_per_replica): no new request
+        gets it, and it is dropped from every interpreter once the requests on it end."""
+        if self._held.get(name) is version:
+            del self._held[name]
+        if self._closing:
             return
-        self._batched_values = interface.takes_values
-        self._batched = serve.batch(
-            max_batch_size=self._args.max_batch_size,
-            batch_wait_timeout_s=self._args.batch_wait_timeout_s,
-            max_concurrent_batches=self._args.replica_interpreters,
-        )(self._run_value_batch if interface.takes_values else self._run_batch)
+        assert self._catalog is not None
+        if self._dataplane is not None:
+            await asyncio.to_thread(self._dataplane.serve, name, self._declared(self._catalog.entry(name)))
+        _logger.info("tenfold replica unloads model %r (%s): the least recently used of %d", name,
+                     version.locator.describe(), (self._args.max_models_per_replica or 0) + 1)
+        self._retire(version)
+
+    def _port_wants(self, name: str) -> None:
+        """Requests on http_port wait for model `name`, which this replica does not hold (the data plane's
+        watcher thread calls this): load it."""
+        if self._loop is not None and not self._closing:
+            asyncio.run_coroutine_threadsafe(self._want(name), self._loop)
+
+    async def _want(self, name: str) -> None:
+        if name in self._held or name in self._wanted:
+            return
+        self._wanted.add(name)
+        try:
+            await self._serving(name)
+        except Exception:  # noqa: BLE001 - logged, and told to the requests waiting (see _load_held)
+            pass
+        finally:
+            self._wanted.discard(name)
+
+    def _port_used(self, name: str) -> None:
+        """Requests on http_port used model `name` lately (the data plane's watcher thread calls this): it is
+        recently used for Serve's multiplexing too."""
+        if self._loop is not None and not self._closing:
+            asyncio.run_coroutine_threadsafe(self._touch(name), self._loop)
+
+    async def _touch(self, name: str) -> None:
+        if name in self._held:  # held: Serve's multiplexing has it, and only moves it to the end of its order
+            await self._serving(name)
 
     # -- updates without a restart ---------------------------------------------------------------
 
@@ -192,8 +325,8 @@ class TenfoldModel:
         load, batching it cannot do) leaves the old version serving: it is logged as an error and reported by
         `/-/manifest` and `/-/stats`. It is not raised: Serve would stop this replica for it, and start one that
         fails the same way."""
-        if not config:
-            return  # no user_config: the application's archive
+        if not config or self._version is None or self._deployed is None:
+            return  # no user_config: the application's archive (several archives take none: see __init__)
         async with self._updating:
             try:
                 locator = updates.locate(ModelUpdate.model_validate(config), workdir=self._workdir,
@@ -201,7 +334,7 @@ class TenfoldModel:
             except ValueError as exc:
                 self._refuse(str(config.get("archive")), None, exc)
                 return
-            if locator.sha256 == self._locator.sha256:
+            if locator.sha256 == self._version.locator.sha256:
                 return  # served already (a replica started with it, or an update of another field)
             t0 = time.perf_counter()
             try:
@@ -210,12 +343,9 @@ class TenfoldModel:
                 self._refuse(locator.source.describe(), locator.sha256, exc)
                 return
             old, self._version = self._version, version  # one store on the event loop: the next request is on it
-            self._batch_for(version.interface)
             self._updates += 1
             self._refused = None
-            self._retiring.append(old)
-            updates.retire(old, still_used=self._requests_on_port, grace_s=self._args.graceful_shutdown_timeout_s,
-                           done=self._retiring.remove)
+            self._retire(old)
             _logger.info("tenfold replica now serves %s (%s), loaded in place in %.2f s; the previous version (%s) "
                          "is dropped once its calls end", locator.describe(), version.manifest.name,
                          time.perf_counter() - t0, old.locator.describe())
@@ -225,23 +355,20 @@ class TenfoldModel:
         version = updates.load_version(self._pool, locator, self._args, rolling=True)
         if self._dataplane is not None:
             try:
-                self._dataplane.switch(
-                    version.model.model_id, interface=version.interface,
-                    manifest=codec.json.dumps(self._manifest_body(version)).encode(),
-                    openapi=codec.json.dumps(self._openapi(version)).encode())
+                self._dataplane.serve("", self._served(version),
+                                      manifest=codec.json.dumps(self._manifest_body(version)).encode(),
+                                      openapi=codec.json.dumps(self._openapi(version)).encode())
             except BaseException:
                 updates.drop(version)
                 raise
         return version
 
-    def _requests_on_port(self, model_id: str) -> int:
-        return 0 if self._dataplane is None else self._dataplane.requests_on(model_id)
-
     def _refuse(self, archive: str, sha256: str | None, exc: BaseException) -> None:
+        assert self._version is not None
         self._refused = {"archive": archive, "sha256": sha256, "error": f"{type(exc).__name__}: {exc}",
                          "at": time.time()}
         _logger.error("tenfold replica refused the update to %s and goes on serving %s: %s: %s", archive,
-                      self._locator.describe(), type(exc).__name__, exc)
+                      self._version.locator.describe(), type(exc).__name__, exc)
 
     # -- callers -------------------------------------------------------------------------------
 
@@ -249,22 +376,41 @@ class TenfoldModel:
         """HTTP requests (a starlette Request) and handle calls (the model's inputs, by position or by name)."""
         if len(inputs) == 1 and not named and isinstance(inputs[0], Request):
             return await self._http(inputs[0])
-        if self._interface.streams:
-            # An async generator: Serve iterates it for `handle.options(stream=True)`, and tells any other
-            # caller to ask for a stream.
-            return self._handle_stream(self._positional(inputs, named))
         t0 = time.perf_counter()
-        status = 200
+        status: int | None = 200
         try:
-            return await self._infer(self._positional(inputs, named))
+            version = await self._serving(self._handle_model())
+            if version.interface.streams:
+                # An async generator: Serve iterates it for `handle.options(stream=True)`, and tells any other
+                # caller to ask for a stream. It counts itself as it ends.
+                stream = self._handle_stream(version, self._positional(version, inputs, named))
+                status = None
+                return stream
+            with self._lease(version):
+                return await self._infer(version, self._positional(version, inputs, named))
         except BaseException as exc:
             status = _CANCELLED if isinstance(exc, asyncio.CancelledError) else routes.classify(exc).status
             raise
         finally:
-            self._metrics.observe_request("handle", time.perf_counter() - t0, status)
+            if status is not None:
+                self._metrics.observe_request("handle", time.perf_counter() - t0, status)
+
+    def _handle_model(self) -> str:
+        """The model a handle call is for: "" in an application of one archive, else the one it names with
+        `handle.options(multiplexed_model_id=...)`."""
+        if self._catalog is None:
+            return ""
+        name = serve.get_multiplexed_model_id()
+        if not name:
+            raise codec.ModelNotFound(f"this application serves several models: call handle.options("
+                                      f"multiplexed_model_id=NAME) for one of {', '.join(self._catalog.names)}")
+        return self._catalog.entry(name).name
 
     async def manifest(self) -> dict[str, Any]:
-        """The archive's manifest, its sha256 and source, and this replica's interpreters."""
+        """The archive's manifest, its sha256 and source, and this replica's interpreters (of several archives:
+        the one named by multiplexed_model_id, else every one's)."""
+        if self._catalog is not None and serve.get_multiplexed_model_id():
+            return self._catalog.entry(serve.get_multiplexed_model_id()).body()
         return self._manifest_body()
 
     async def stats(self) -> dict[str, Any]:
@@ -272,16 +418,19 @@ class TenfoldModel:
         return self._stats_body()
 
     def _manifest_body(self, version: updates.ModelVersion | None = None) -> dict[str, Any]:
+        replica = {"interpreters": self._pool.size, "backend": self._pool.backend, "pid": os.getpid(),
+                   "node_id": ray.get_runtime_context().get_node_id()}
+        if self._catalog is not None:
+            return {**self._catalog.body(), **replica,
+                    "max_models_per_replica": self._args.max_models_per_replica or len(self._catalog)}
         v = version or self._version
+        assert v is not None
         return {
             "manifest": v.manifest.model_dump(mode="json"),
             "sha256": v.locator.sha256,
             "source": v.locator.source.describe(),
             "archive_from": v.archive.origin,
-            "interpreters": self._pool.size,
-            "backend": self._pool.backend,
-            "pid": os.getpid(),
-            "node_id": ray.get_runtime_context().get_node_id(),
+            **replica,
             "serving_since": v.since,
             # In place, since this replica started (a version being swapped in counts: its body is sent as it is).
             "updates": self._updates + (version is not None),
@@ -290,6 +439,9 @@ class TenfoldModel:
 
     def _stats_body(self) -> dict[str, Any]:
         body = {**self._pool_stats().as_dict(), "pid": os.getpid()}
+        if self._catalog is not None:
+            body["models"] = {name: {"sha256": v.locator.sha256, "archive_from": v.archive.origin, "loaded_at": v.since,
+                                     "used_at": self._used_at.get(name)} for name, v in dict(self._held).items()}
         if self._dataplane is not None:
             connections = self._dataplane.connections()
             body["http_port"] = {"port": self._dataplane.port, "connections_open": connections["open"],
@@ -297,23 +449,27 @@ class TenfoldModel:
         if self._memory:
             # Measured at the last health check, between calls: what a soak judges leaks by.
             body["memory_in_use"] = self._memory
-        warnings = [m for m in (self._version.watch.message, self._refused_message()) if m is not None]
+        warnings = [m for m in (*(v.watch.message for v in self._versions()), self._refused_message())
+                    if m is not None]
         if warnings:
             body["warnings"] = warnings
         return body
 
     def _refused_message(self) -> str | None:
-        if self._refused is None:
+        if self._refused is None or self._version is None:
             return None
-        return (f"the update to {self._refused['archive']} was refused, and {self._locator.describe()} goes on "
-                f"serving: {self._refused['error']}")
+        return (f"the update to {self._refused['archive']} was refused, and {self._version.locator.describe()} goes "
+                f"on serving: {self._refused['error']}")
 
     def _pool_stats(self) -> PoolStats:
         stats = self._pool.stats()
         return stats if self._dataplane is None else self._dataplane.merge(stats)
 
     def _openapi(self, version: updates.ModelVersion | None = None) -> dict[str, Any]:
+        if self._catalog is not None:
+            return self._catalog.openapi(title=self._args.name or catalog.DEFAULT_NAME)
         v = version or self._version
+        assert v is not None
         return openapi.document(v.manifest, title=self._args.name or v.manifest.name, sha256=v.locator.sha256)
 
     def _health(self) -> dict[str, Any]:
@@ -343,7 +499,8 @@ class TenfoldModel:
         when the interpreters neither answer a ping nor make progress."""
         if self._dataplane is not None:
             self._dataplane.check()
-        self._version.watch.poll()  # one stat() of a local archive: was it packaged again at its path?
+        for version in self._versions():
+            version.watch.poll()  # one stat() of a local archive: was it packaged again at its path?
         stats = self._pool_stats()
         self._metrics.observe_pool(stats)
         if stats.healthy == 0:
@@ -417,12 +574,13 @@ class TenfoldModel:
         self._close()
 
     def _close(self) -> None:
+        self._closing = True
         dataplane = getattr(self, "_dataplane", None)
         if dataplane is not None:
             if not dataplane.stop():
                 _logger.warning("the HTTP servers on port %d did not all finish within http_drain_timeout_s",
                                 dataplane.port)
-        versions = [*getattr(self, "_retiring", []), *filter(None, [getattr(self, "_version", None)])]
+        versions = [*getattr(self, "_retiring", []), *(self._versions() if hasattr(self, "_held") else [])]
         for version in versions:
             with contextlib.suppress(Exception):
                 version.model.close()
@@ -434,11 +592,12 @@ class TenfoldModel:
 
     # -- inference -----------------------------------------------------------------------------
 
-    def _positional(self, inputs: tuple[Any, ...], named: dict[str, Any]) -> list[Any]:
+    def _positional(self, version: updates.ModelVersion, inputs: tuple[Any, ...], named: dict[str, Any]
+                    ) -> list[Any]:
         """The model's inputs in order, from a handle call's positional and named arguments."""
         if not named:
             return list(inputs)
-        names = [s.name for s in self._manifest.inputs]
+        names = [s.name for s in version.manifest.inputs]
         twice = [n for n in names[:len(inputs)] if n in named]
         if twice:
             raise codec.InvalidInput(f"input {twice[0]!r} is given twice, by position and by name")
@@ -448,16 +607,17 @@ class TenfoldModel:
             raise codec.InvalidInput(f"inputs by name must be exactly {names}; missing {missing}, unexpected {extra}")
         return [*inputs, *(named[n] for n in rest)]
 
-    async def _handle_stream(self, inputs: list[Any]) -> AsyncIterator[Any]:
+    async def _handle_stream(self, version: updates.ModelVersion, inputs: list[Any]) -> AsyncIterator[Any]:
         """The items of a streaming model's call, as Python values, each as soon as the model yields it."""
         t0 = time.perf_counter()
         status = 200
         try:
-            try:
-                stream = self._model.stream(*inputs)
-            except ValueError as exc:  # the inputs do not fit the model's signature
-                raise codec.InvalidInput(str(exc)) from None
-            async for item in self._items(stream):
+            with self._lease(version):
+                try:
+                    stream = version.model.stream(*inputs)
+                except ValueError as exc:  # the inputs do not fit the model's signature
+                    raise codec.InvalidInput(str(exc)) from None
+            async for item in self._items(version, stream):
                 yield item
         except BaseException as exc:
             status = (_CANCELLED if isinstance(exc, asyncio.CancelledError | GeneratorExit) else
@@ -466,7 +626,7 @@ class TenfoldModel:
         finally:
             self._metrics.observe_request("handle", time.perf_counter() - t0, status)
 
-    async def _items(self, stream: ModelStream) -> AsyncGenerator[Any, None]:
+    async def _items(self, version: updates.ModelVersion, stream: ModelStream) -> AsyncGenerator[Any, None]:
         """Pull `stream`'s items from its interpreter one at a time; request_timeout_s bounds the wait for each.
         Closed (in its interpreter) however this ends; a pull still running when the caller goes is interrupted,
         so that the interpreter is free at once."""
@@ -474,37 +634,56 @@ class TenfoldModel:
         try:
             while True:
                 pending = stream.next()
-                done, item = await self._outcome(asyncio.wrap_future(pending), pending)
+                done, item = await self._outcome(asyncio.wrap_future(pending), pending, version)
                 pending = None
                 if done:
                     return
                 yield item
         finally:
             if pending is not None and not pending.done():
-                asyncio.get_running_loop().run_in_executor(None, self._interrupt, pending)
+                asyncio.get_running_loop().run_in_executor(None, self._interrupt, version, pending)
             stream.close()
 
-    async def _infer(self, inputs: list[Any]) -> Any:
-        if self._batched is None:
+    async def _infer(self, version: updates.ModelVersion, inputs: list[Any]) -> Any:
+        model = version.model
+        batcher = self._batcher(version)
+        if batcher is None:
             try:
-                future = self._model.submit(*inputs)
+                future = model.submit(*inputs)
             except ValueError as exc:  # the inputs do not fit the model's signature
                 raise codec.InvalidInput(str(exc)) from None
-            return await self._outcome(asyncio.wrap_future(future), future)
+            return await self._outcome(asyncio.wrap_future(future), future, version)
         try:
-            self._model.check_inputs(inputs)
+            model.check_inputs(inputs)
         except ValueError as exc:
             raise codec.InvalidInput(str(exc)) from None
-        if self._batches_values:
-            return await self._infer_in_batch(inputs[0])
-        rows = {getattr(v, "shape", ())[:1] for v in inputs}
-        if len(rows) != 1 or rows == {()}:
-            raise codec.InvalidInput("with batching, every input needs the same first (batch) dimension; "
-                                    f"got shapes {[list(getattr(v, 'shape', ())) for v in inputs]}")
+        if version.interface.takes_values:  # one list in, a list out: checked at deploy and at each update
+            return await self._infer_in_batch(version, batcher, inputs[0])
+        batching.check_rows(inputs)
         # A batch is shared by several requests: one caller's deadline cannot stop it.
-        return await self._outcome(asyncio.ensure_future(self._batched(inputs)), None)
+        return await self._outcome(asyncio.ensure_future(batcher(inputs)), None, version)
 
-    async def _outcome(self, call: asyncio.Future, future: Any) -> Any:
+    def _batcher(self, version: updates.ModelVersion) -> Any:
+        """Serve's batcher of the requests to `version`, if batching is on (one per version: each joins what its
+        model takes, Python values or tensors)."""
+        if self._args.max_batch_size is None or version.interface.streams:
+            return None
+        key = version.model.model_id
+        batcher = self._batchers.get(key)
+        if batcher is None:
+            run = self._run_value_batch if version.interface.takes_values else self._run_batch
+
+            async def run_batch(batch: list[Any]) -> list[Any]:
+                return await run(version, batch)
+
+            batcher = self._batchers[key] = serve.batch(
+                max_batch_size=self._args.max_batch_size,
+                batch_wait_timeout_s=self._args.batch_wait_timeout_s,
+                max_concurrent_batches=self._args.replica_interpreters,
+            )(run_batch)
+        return batcher
+
+    async def _outcome(self, call: asyncio.Future, future: Any, version: updates.ModelVersion) -> Any:
         """The result of `call`, or RequestTimeout past request_timeout_s (then `future`, the interpreter's
         call behind it if it serves this request alone, is interrupted). A cancelled request (its caller gone)
         leaves its call to run to its end."""
@@ -525,72 +704,47 @@ class TenfoldModel:
             call.add_done_callback(_forget)
             if future is not None:
                 # Off the event loop: the interrupt waits up to interrupt_grace_s for the interpreter.
-                asyncio.get_running_loop().run_in_executor(None, self._interrupt, future)
+                asyncio.get_running_loop().run_in_executor(None, self._interrupt, version, future)
             raise routes.timed_out(timeout) from None
 
-    def _interrupt(self, future: Any) -> None:
+    def _interrupt(self, version: updates.ModelVersion, future: Any) -> None:
         """Free the interpreter of a timed-out call: cancelled if queued, TimeoutError raised in it if
         running, the interpreter declared lost if it does not return (stuck in native code)."""
         try:
-            self._model.interrupt(future, grace_s=self._args.interrupt_grace_s)
+            version.model.interrupt(future, grace_s=self._args.interrupt_grace_s)
         except Exception:  # noqa: BLE001 - the caller has its 504 already; this must not go unseen
             _logger.exception("interrupting a timed-out call failed")
         self._metrics.observe_pool(self._pool.stats())
 
-    async def _infer_in_batch(self, items: Any) -> list[Any]:
+    async def _infer_in_batch(self, version: updates.ModelVersion, batcher: Any, items: Any) -> list[Any]:
         """A request's list of items, run in one call with the items of other requests; its results come back
         as one list, in order. Each request is checked here first, so that a bad one fails alone."""
-        (spec,) = self._interface.inputs
-        assert isinstance(spec, ValueSpec)
-        try:
-            _values.validate(spec.json_schema, items, f"input 0 ({spec.name!r})", spec.type)
-        except ValueError as exc:
-            raise codec.InvalidInput(str(exc)) from None
-        assert self._batched is not None  # only called with batching on
+        items = batching.check_items(version.interface, items)
         # A batch is shared by several requests: one caller's deadline cannot stop it.
-        result = await self._outcome(asyncio.ensure_future(self._batched(list(items))), None)
-        if isinstance(result, _Failed):
+        result = await self._outcome(asyncio.ensure_future(batcher(items)), None, version)
+        if isinstance(result, batching.Failed):
             raise result.error
         return result
 
-    async def _run_value_batch(self, batch: list[list[Any]]) -> list[Any]:
-        """One model call on the items of several requests, joined in order; the results split back."""
-        counts = [len(items) for items in batch]
-        joined = [item for items in batch for item in items]
-        try:
-            results = await asyncio.wrap_future(self._model.submit(joined))
-        except ValueError:
-            if len(batch) == 1:
-                raise
-            # A check past the schema (a validator of the model's types) refused the batch: each request alone,
-            # so that only the ones at fault fail.
-            alone = await asyncio.gather(*(asyncio.wrap_future(self._model.submit(items)) for items in batch),
-                                         return_exceptions=True)
-            return [_Failed(r) if isinstance(r, BaseException) else r for r in alone]
-        if not isinstance(results, list) or len(results) != len(joined):
-            got = f"{len(results)} results" if isinstance(results, list) else f"a {type(results).__name__}"
-            raise TypeError(f"a batched model must return one result per item: it returned {got} for "
-                            f"{len(joined)} items")
-        out, start = [], 0
-        for n in counts:
-            out.append(results[start:start + n])
-            start += n
-        return out
+    async def _run_value_batch(self, version: updates.ModelVersion, batch: list[list[Any]]) -> list[Any]:
+        """One model call on the items of several requests, joined in order, in an interpreter; the results split
+        back (see `batching.run_values`)."""
+        return await asyncio.wrap_future(version.model.apply(batching.values_batch, version.interface, batch))
 
-    async def _run_batch(self, batch: list[list[Any]]) -> list[Any]:
+    async def _run_batch(self, version: updates.ModelVersion, batch: list[list[Any]]) -> list[Any]:
         """One model call for several requests: inputs joined along dimension 0, outputs split back.
 
         Arrays (from HTTP) are joined with numpy and come back as numpy arrays, so that no tensor crosses
         into this process; tensors (from handle calls, which brought torch here) are joined as tensors."""
-        rows = [int(request[0].shape[0]) for request in batch]
-        columns = [[request[i] for request in batch] for i in range(len(batch[0]))]
-        if any(_is_tensor(v) for column in columns for v in column):
-            joined = [_join_tensors(column) for column in columns]
-            result = await asyncio.wrap_future(self._model.submit(*joined))
+        if any(_is_tensor(v) for request in batch for v in request):
+            rows = [int(request[0].shape[0]) for request in batch]
+            joined = [_join_tensors([request[i] for request in batch]) for i in range(len(batch[0]))]
+            result = await asyncio.wrap_future(version.model.submit(*joined))
         else:
-            joined = [np.concatenate(column) if len(column) > 1 else column[0] for column in columns]
-            result = await asyncio.wrap_future(self._model.apply(codec.run_arrays, self._interface.outputs, *joined))
-        return _split(result, rows)
+            joined, rows = batching.join_arrays(batch)
+            result = await asyncio.wrap_future(version.model.apply(codec.run_arrays, version.interface.outputs,
+                                                                   *joined))
+        return batching.split_rows(result, rows)
 
     # -- HTTP ----------------------------------------------------------------------------------
 
@@ -612,10 +766,21 @@ class TenfoldModel:
         return response
 
     async def _route(self, request: Request) -> Response:
-        route = routes.resolve(request.method, request.scope.get("path", "/"), request.scope.get("root_path", ""))
+        models = self._catalog.names if self._catalog is not None else None
+        route, name = routes.resolve(request.method, request.scope.get("path", "/"),
+                                     request.scope.get("root_path", ""), models)
+        if models is not None:
+            name = routes.pick_model(route, name, serve.get_multiplexed_model_id() or None, models)
         if route == routes.PREDICT:
-            return await self._predict(request)
-        if route == routes.OPENAPI:
+            version = await self._serving(name)
+            with self._lease(version):  # from here to the answer: an update or an unload meanwhile waits for it
+                return await self._predict(version, request)
+        if name:  # of several archives: a model's own routes
+            entry = self._catalog.entry(name) if self._catalog is not None else None
+            assert entry is not None
+            body = entry.body() if route == routes.MANIFEST else \
+                openapi.document(entry.manifest, title=name, sha256=entry.locator.sha256)
+        elif route == routes.OPENAPI:
             body = self._openapi()
         elif route == routes.MANIFEST:
             body = self._manifest_body()
@@ -625,31 +790,30 @@ class TenfoldModel:
             body = self._health()
         return Response(codec.json.dumps(body).encode(), media_type=codec.JSON_TYPE)
 
-    async def _predict(self, request: Request) -> Response:
-        version = self._version  # read once: an update while the body arrives leaves this request on one version
+    async def _predict(self, version: updates.ModelVersion, request: Request) -> Response:
         interface = version.interface
         media = routes.media_type(request.headers.get("content-type"), interface)
         body = await _read_body(request, self._args.max_request_bytes)
         if interface.streams:
             return await self._stream_response(version, request, body)
-        if self._batched is not None and interface.takes_values:  # JSON only (media_type refuses Arrow for values)
-            return Response(codec.encode_value(await self._infer(codec.parse_inputs(body, interface.inputs))),
+        batcher = self._batcher(version)
+        if batcher is not None and interface.takes_values:  # JSON only (media_type refuses Arrow for values)
+            return Response(codec.encode_value(await self._infer(version, codec.parse_inputs(body, interface.inputs))),
                             media_type=codec.JSON_TYPE)
-        if self._batched is None:
+        if batcher is None:
             # Decoding, the call and encoding all happen in an interpreter: the host only moves bytes.
             predict = codec.predict_json if media == codec.JSON_TYPE else codec.predict_arrow
             future = version.model.apply(predict, body, interface)
-            answer = await self._outcome(asyncio.wrap_future(future), future)
+            answer = await self._outcome(asyncio.wrap_future(future), future, version)
             return Response(answer, media_type=media)
         if media == codec.ARROW_TYPE:
             inputs = codec.decode_arrow(body, interface.inputs)
         else:
             inputs = codec.decode_json(body, interface.inputs)
-        outputs = codec.as_arrays(await self._infer(list(inputs)), interface.outputs)
+        outputs = codec.as_arrays(await self._infer(version, list(inputs)), interface.outputs)
         if media == codec.ARROW_TYPE:
             return Response(codec.encode_arrow(outputs, interface.outputs), media_type=codec.ARROW_TYPE)
         return Response(codec.encode_json(outputs), media_type=codec.JSON_TYPE)
-
 
     async def _stream_response(self, version: updates.ModelVersion, request: Request, body: bytes) -> Response:
         """A streaming model's answer: newline-delimited JSON, or server-sent events when the client accepts
@@ -659,7 +823,7 @@ class TenfoldModel:
         # Decoding, validation, the model's steps and each item's encoding all happen in one interpreter.
         stream = version.model.open_stream(codec.open_json, body, version.interface,
                                            encode=codec.encode_event if events else codec.encode_line)
-        items = self._items(stream)
+        items = self._items(version, stream)
         try:
             first = await anext(items, None)
         except BaseException:
@@ -724,13 +888,6 @@ def _user_config() -> Any:
     return getattr(config, "user_config", None)
 
 
-class _Failed:
-    """A request's own error from a batch that was run request by request (see `_run_value_batch`)."""
-
-    def __init__(self, error: BaseException) -> None:
-        self.error = error
-
-
 async def _read_body(request: Request, limit: int) -> bytes:
     """The body, refused with 413 as soon as it is known to exceed `limit` bytes (never buffered past it)."""
     routes.check_declared_length(request.headers.get("content-length"), limit)
@@ -757,26 +914,3 @@ def _join_tensors(values: Sequence[Any]) -> Any:
 
     tensors = [v if _is_tensor(v) else torch.as_tensor(v) for v in values]
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
-
-
-def _split(result: Any, rows: list[int]) -> list[Any]:
-    """Per-request slices of a batched result (a tensor or array, or a tuple/list/dict of them)."""
-    bounds = np.cumsum([0, *rows])
-    total = int(bounds[-1])
-
-    def cut(value: Any, i: int) -> Any:
-        if getattr(value, "shape", None) is None or not value.shape or value.shape[0] != total:
-            raise ValueError(f"a batched output has shape {list(getattr(value, 'shape', []))}; its first "
-                             f"dimension must be the batch's {total} rows")
-        part = value[bounds[i]:bounds[i + 1]]
-        # A slice would keep (and, over a handle, send) the whole batch's storage.
-        return part.clone() if hasattr(part, "clone") else part.copy()
-
-    def per_request(i: int) -> Any:
-        if isinstance(result, dict):
-            return {k: cut(v, i) for k, v in result.items()}
-        if isinstance(result, list | tuple):
-            return type(result)(cut(v, i) for v in result)
-        return cut(result, i)
-
-    return [per_request(i) for i in range(len(rows))]

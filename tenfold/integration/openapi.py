@@ -4,11 +4,13 @@ response bodies and the error body, `GET /-/manifest` and `GET /-/stats`."""
 from __future__ import annotations
 
 import copy
+import hashlib
 from typing import Any
 
 from tenfold.packaging import Manifest, Spec, TensorSpec, ValueSpec
 
 from . import codec
+from .routes import MODEL_HEADER
 
 _NUMBER: dict[str, dict[str, Any]] = {
     "float": {"type": "number"},
@@ -142,3 +144,52 @@ _ERRORS = {
     503: "the replica cannot serve now (every interpreter lost, or the queue is full): retry after Retry-After",
     504: "the call ran past request_timeout_s",
 }
+
+
+def document_of_several(models: dict[str, tuple[Manifest, str]], *, title: str) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of an application that serves several models ({name: (manifest, sha256)}): each
+    model's routes under /{name}, its schemas renamed `{name}.{schema}` so that models' own names cannot clash."""
+    paths: dict[str, Any] = {}
+    schemas: dict[str, Any] = {"Error": ERROR_SCHEMA}
+    for name, (manifest, sha256) in models.items():
+        doc = document(manifest, sha256=sha256)
+        own = {k: v for k, v in doc["components"]["schemas"].items() if k != "Error"}
+        renamed = _renamed_refs({"paths": doc["paths"], "schemas": own}, {k: f"{name}.{k}" for k in own})
+        predict = renamed["paths"]["/"]["post"]
+        predict["operationId"] = f"predict_{name}"
+        predict["description"] = (f"The same as POST / with the header {MODEL_HEADER}: {name}. Archive sha256 "
+                                  f"{sha256}.")
+        paths[f"/{name}"] = {"post": predict}
+        paths[f"/{name}/-/manifest"] = {"get": {"summary": f"{name}'s manifest, sha256 and source",
+                                                "operationId": f"manifest_{name}",
+                                                "responses": {"200": {"description": "the manifest"}}}}
+        schemas.update({f"{name}.{k}": v for k, v in renamed["schemas"].items()})
+    paths["/-/manifest"] = {"get": {"summary": "every model's manifest, sha256 and source",
+                                    "operationId": "manifest", "responses": {"200": {"description": "the models"}}}}
+    paths["/-/stats"] = {"get": {"summary": "this replica's interpreter figures, and the models it holds",
+                                 "operationId": "stats",
+                                 "responses": {"200": {"description": "calls, errors, busy time, queue depth"}}}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": title, "version": hashlib.sha256("".join(sha for _, sha in models.values()).encode())
+                 .hexdigest()[:12],
+                 "description": f"{len(models)} models served by tenfold: "
+                                + "; ".join(f"{name} {m.signature()}" for name, (m, _) in models.items())},
+        "paths": paths,
+        "components": {"schemas": schemas},
+    }
+
+
+
+def _renamed_refs(node: Any, names: dict[str, str]) -> Any:
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            if k == "$ref" and isinstance(v, str) and v.startswith("#/components/schemas/"):
+                target = v.removeprefix("#/components/schemas/")
+                v = "#/components/schemas/" + names.get(target, target)
+            out[k] = _renamed_refs(v, names)
+        return out
+    if isinstance(node, list):
+        return [_renamed_refs(v, names) for v in node]
+    return node

@@ -7,6 +7,8 @@ raises a `codec.HTTPError` whose status and body are the answer.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from tenfold.runtime import BrokenInterpreterPool, InterpreterLost, RemoteError, remote_traceback
 
 from . import codec
@@ -16,6 +18,8 @@ MANIFEST = "/-/manifest"
 STATS = "/-/stats"
 OPENAPI = "/-/openapi.json"
 HEALTHZ = "/-/healthz"
+#: The header that names the model of a request to an application of several (Serve's multiplexing header).
+MODEL_HEADER = "serve_multiplexed_model_id"
 _GETS = (MANIFEST, STATS, OPENAPI, HEALTHZ)
 _ROUTES = "POST / to predict, GET /-/manifest, GET /-/stats, GET /-/openapi.json, GET /-/healthz"
 
@@ -24,21 +28,58 @@ class RequestTimeout(TimeoutError):
     """A call ran past `request_timeout_s` (answered 504 over HTTP)."""
 
 
-def resolve(method: str, path: str, root_path: str = "") -> str:
-    """The route a request is for (one of the constants above); 404 or 405 for any other."""
+def resolve(method: str, path: str, root_path: str = "", models: Collection[str] | None = None) -> tuple[str, str]:
+    """The route a request is for (one of the constants above), and the model its path names ("" when none);
+    404 or 405 for any other. `models`: the names of an application that serves several, whose models answer
+    at /{name} (POST), /{name}/-/manifest and /{name}/-/openapi.json."""
     if root_path and path.startswith(root_path):
         path = path[len(root_path):]
     path = "/" + path.strip("/")
+    model = ""
+    if models is not None and path != PREDICT and not path.startswith("/-/"):
+        model, _, rest = path[1:].partition("/")
+        if model not in models:
+            raise model_not_found(model, models)
+        path = "/" + rest
+        if path not in (PREDICT, MANIFEST, OPENAPI):
+            raise codec.HTTPError(f"no route /{model}{path}: POST /{model} to predict, GET /{model}/-/manifest, "
+                                  f"GET /{model}/-/openapi.json", status=404, kind="NotFound")
     if path == PREDICT:
         if method != "POST":
             raise codec.HTTPError("POST inputs to /; GET /-/manifest for the signature", status=405,
                                   kind="MethodNotAllowed", headers={"Allow": "POST"})
-        return PREDICT
+        return PREDICT, model
     if path in _GETS:
         if method != "GET":
             raise codec.HTTPError(f"GET {path}", status=405, kind="MethodNotAllowed", headers={"Allow": "GET"})
-        return path
+        return path, model
     raise codec.HTTPError(f"no route {path}: {_ROUTES}", status=404, kind="NotFound")
+
+
+def pick_model(route: str, by_path: str, by_header: str | None, models: Collection[str]) -> str:
+    """The model a request to an application of several is for: named by its path (/{name}) or by Serve's
+    multiplexing header (serve_multiplexed_model_id), "" for the application's own routes. 400 when the two
+    disagree; 404 for a name not served, and for a prediction that names none."""
+    if by_header and by_path and by_header != by_path:
+        raise codec.MalformedRequest(f"the path names model {by_path!r}, but the {MODEL_HEADER} header names "
+                                     f"{by_header!r}: name one")
+    name = by_path or by_header or ""
+    if name and name not in models:
+        raise model_not_found(name, models)
+    if not name and route == PREDICT:
+        raise codec.ModelNotFound(f"this application serves several models: POST /{{name}}, or POST / with the "
+                                  f"{MODEL_HEADER} header, for one of {_listed(models)}")
+    return name if route in (PREDICT, MANIFEST, OPENAPI) else ""
+
+
+def model_not_found(name: str, models: Collection[str]) -> codec.ModelNotFound:
+    """The 404 for a model the application does not serve, naming those it does."""
+    return codec.ModelNotFound(f"no model {name!r} here: this application serves {_listed(models)}")
+
+
+def _listed(models: Collection[str], most: int = 20) -> str:
+    names = sorted(models)
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def media_type(content_type: str | None, interface: codec.Interface) -> str:

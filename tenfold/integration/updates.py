@@ -50,6 +50,19 @@ def serve_version(locator: ArchiveLocator, archive: Resolved, model: Any) -> Mod
                         archive_cache.ChangeWatch(locator, archive), time.time())
 
 
+def replicate_version(pool: Any, locator: ArchiveLocator, archive: Resolved) -> ModelVersion:
+    """`archive` (resolved: its digest checked) loaded into every interpreter of `pool` at once; released if that
+    fails."""
+    from tenfold.packaging import replicate
+
+    try:
+        model = replicate(pool, archive.buffer)
+    except BaseException:
+        archive_cache.release(archive)
+        raise
+    return serve_version(locator, archive, model)
+
+
 def locate(update: ModelUpdate, *, workdir: str | None, deployed: ArchiveLocator) -> ArchiveLocator:
     """Where `update`'s archive is: a relative path is taken from `workdir` (where the application was built),
     and a local file that a node cannot read comes from the node that deployed the application, as its own

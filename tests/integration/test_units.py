@@ -68,6 +68,70 @@ def test_bad_app_arguments_are_refused_with_the_rule(fields: dict, message: str)
     assert message in str(info.value)
 
 
+def test_several_archives_take_a_pin_each_and_names_that_fit_a_url_path() -> None:
+    args = AppArgs(archives={"embedder": "build/e.pt", "search": {"archive": "s3://m/s.pt", "sha256": "A" * 64}},
+                   max_models_per_replica=1)
+    assert args.serves_several and set(args.archive_refs) == {"embedder", "search"}
+    assert args.archive_refs["embedder"].archive == "build/e.pt" and args.archive_refs["search"].sha256 == "a" * 64
+    assert set(AppArgs(archive="m.pt").archive_refs) == {""}  # the one archive, served at /
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({}, "give either archive (one model) or archives (several, by name), not neither"),
+        ({"archive": "m.pt", "archives": {"a": "a.pt"}}, "not both"),
+        ({"archives": {}}, "archives names no archive"),
+        ({"archives": {"-/manifest": "a.pt"}}, "cannot be a segment of a URL path"),
+        ({"archives": {"a b": "a.pt"}}, "['a b']"),
+        ({"archives": {"a": "a.pt"}, "sha256": "a" * 64}, "with archives, give each its own sha256"),
+        ({"archives": {"a": "https://h/a.pt"}}, "archives['a']: "),
+        ({"archives": {"a": "a.pt"}, "require_sha256": True}, "archives['a']: require_sha256 is set"),
+        ({"archives": {"a": {"archive": "a.pt", "sha256": "xyz"}}}, "sha256 must be 64 hex digits"),
+        ({"archives": {"a": {"archive": "a.pt", "pin": 1}}}, "pin"),
+        ({"archive": "m.pt", "max_models_per_replica": 2}, "max_models_per_replica bounds the models of archives"),
+        ({"archives": {f"m{i}": "a.pt" for i in range(257)}}, "more than 256 per application"),
+    ],
+)
+def test_bad_archives_are_refused_with_the_rule(fields: dict, message: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        AppArgs(**fields)
+    assert message in str(info.value)
+
+
+def test_an_application_names_no_more_models_than_its_servers_can_ask_for() -> None:
+    from tenfold.integration import _server, config
+
+    assert config.MAX_ARCHIVES == _server.MAX_MODELS
+
+
+def test_routes_of_several_models_name_the_model_by_path_or_header() -> None:
+    from tenfold.integration import routes
+
+    models = ("alpha", "beta")
+    assert routes.resolve("POST", "/app/alpha", "/app", models) == (routes.PREDICT, "alpha")
+    assert routes.resolve("GET", "/beta/-/manifest", "", models) == (routes.MANIFEST, "beta")
+    assert routes.resolve("GET", "/beta/-/openapi.json/", "", models) == (routes.OPENAPI, "beta")
+    assert routes.resolve("GET", "/-/stats", "", models) == (routes.STATS, "")
+    assert routes.resolve("POST", "/", "", models) == (routes.PREDICT, "")
+    assert routes.pick_model(routes.PREDICT, "", "beta", models) == "beta"
+    assert routes.pick_model(routes.MANIFEST, "", None, models) == ""  # the application's own
+    assert routes.pick_model(routes.STATS, "", "beta", models) == ""  # the replica's, whatever the header
+    for call, status, message in [
+        (lambda: routes.resolve("POST", "/gamma", "", models), 404, "no model 'gamma' here: this application "
+                                                                     "serves alpha, beta"),
+        (lambda: routes.resolve("GET", "/alpha/-/stats", "", models), 404, "GET /alpha/-/manifest"),
+        (lambda: routes.resolve("GET", "/alpha", "", models), 405, "POST inputs to /"),
+        (lambda: routes.pick_model(routes.PREDICT, "", None, models), 404, "serve_multiplexed_model_id header"),
+        (lambda: routes.pick_model(routes.PREDICT, "alpha", "beta", models), 400, "names model 'alpha'"),
+        (lambda: routes.pick_model(routes.PREDICT, "", "gamma", models), 404, "no model 'gamma'"),
+    ]:
+        with pytest.raises(codec.HTTPError) as info:
+            call()
+        assert info.value.status == status and message in info.value.message, info.value.message
+    assert isinstance(routes.model_not_found("x", models), LookupError)  # what a handle's caller catches
+
+
 def test_replica_placement_and_shutdown_arguments_reach_serves_deployment_options() -> None:
     from tenfold.integration.builder import _deployment_options
 
