@@ -25,9 +25,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from tenfold.packaging import _signature
 from tenfold.runtime import raise_in_thread
 
-from . import codec, routes
+from . import batching, codec, routes
 
 # The counter block: one int64 per field, in this interpreter's memory.
 STOP = 0  # host -> server: 1 = stop accepting, finish what was accepted, exit
@@ -94,6 +95,8 @@ class Settings:
     snapshot: int  # host address of the replica's stats snapshot (see dataplane.Snapshot)
     peers: int  # host address of PEERS int64 words: the counter blocks of the replica's servers (0: none)
     load_timeout_s: float = 300.0  # how long a request waits for its model to be loaded
+    max_batch_size: int | None = None  # join up to this many of this server's requests to a model in one call
+    batch_wait_timeout_s: float = 0.0  # how long a batch waits to fill up
 
 
 PEERS = 16
@@ -171,6 +174,7 @@ class _Server:
 
         self.settings, self.block, self._apply = settings, block, apply_loaded
         self.begun: dict[str, int] = {}  # model id -> requests begun on it and not yet answered
+        self._batchers: dict[str, batching.Batcher] = {}  # model id -> the batcher of requests to it
         self._interrupt_lock = threading.Lock()
         self._interrupted = 0  # SEQ of the call the watchdog raised TimeoutError in
         self._serving_thread = 0
@@ -364,8 +368,47 @@ class _Server:
         model_id = await self._hold(name, scope)
         if interface.streams:
             return self._open_stream(model_id, interface, body, routes.wants_events(accept))
+        if settings.max_batch_size is not None:
+            return await self._batched(settings, model_id, interface, media, body)
         predict = codec.predict_json if media == codec.JSON_TYPE else codec.predict_arrow
         return [(b"content-type", media.encode())], self._call(model_id, predict, body, interface)
+
+    async def _batched(self, settings: Settings, model_id: str, interface: codec.Interface, media: str, body: bytes
+                       ) -> tuple[list, bytes]:
+        """The answer to a request joined with this server's other requests to the same model in one call. It is
+        decoded and checked alone first, so that a bad one fails alone."""
+        batcher = self._batchers.get(model_id)
+        if batcher is None:
+            batcher = self._batchers[model_id] = self._batcher(settings, model_id, interface)
+        if interface.takes_values:
+            (items,) = codec.parse_inputs(body, interface.inputs)
+            result = await batcher.submit(batching.check_items(interface, items))
+            return [*_JSON], codec.encode_value(result)
+        arrays = (codec.decode_json if media == codec.JSON_TYPE else codec.decode_arrow)(body, interface.inputs)
+        try:
+            _signature.check_inputs(interface.inputs, arrays, interface.signature)
+        except ValueError as exc:
+            raise codec.InvalidInput(str(exc)) from None
+        batching.check_rows(arrays)
+        outputs = await batcher.submit(arrays)
+        if media == codec.ARROW_TYPE:
+            return [(b"content-type", media.encode())], codec.encode_arrow(outputs, interface.outputs)
+        return [*_JSON], codec.encode_json(outputs)
+
+    def _batcher(self, settings: Settings, model_id: str, interface: codec.Interface) -> batching.Batcher:
+        """A batcher of the requests to `model_id`; those of models no longer served go."""
+        served = {s.model_id for s in settings.models.values()}
+        for old in [m for m in self._batchers if m not in served]:
+            del self._batchers[old]
+
+        def run(batch: list[Any]) -> list[Any]:
+            if interface.takes_values:
+                return self._call(model_id, batching.values_batch, interface, batch)
+            joined, rows = batching.join_arrays(batch)
+            return batching.split_rows(self._call(model_id, codec.run_arrays, interface.outputs, *joined), rows)
+
+        assert settings.max_batch_size is not None
+        return batching.Batcher(run, settings.max_batch_size, settings.batch_wait_timeout_s)
 
     async def _hold(self, name: str, scope: dict[str, Any]) -> str:
         """The id of model `name` as loaded in this interpreter, counted as begun for this request (until `app`

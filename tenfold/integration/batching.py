@@ -12,6 +12,8 @@ Nothing here imports torch or Ray: the interpreters' servers use it as the host 
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -127,3 +129,58 @@ def values_batch(model: Any, interface: codec.Interface, batch: Sequence[Sequenc
         return model(prepared)
 
     return run_values(call, batch)
+
+
+# -- in an interpreter, on its HTTP server's loop (http_port) -------------------------------------------
+
+
+class Batcher:
+    """Joins the requests to one model that an interpreter's server holds at once, up to `max_size`, waiting up
+    to `wait_s` for a batch to fill. `run(batch)` runs one batch on the server's thread (which does nothing else
+    meanwhile: requests that arrive then wait in their sockets, and join the next batch) and returns each
+    request's answer, or `Failed`."""
+
+    def __init__(self, run: Callable[[list[Any]], list[Any]], max_size: int, wait_s: float) -> None:
+        self._run, self._max, self._wait_s = run, max_size, wait_s
+        self._pending: list[tuple[Any, asyncio.Future]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self.last_used = time.monotonic()
+
+    async def submit(self, request: Any) -> Any:
+        """This request's answer once its batch has run."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._pending.append((request, future))
+        self.last_used = time.monotonic()
+        if len(self._pending) >= self._max:
+            self._flush_soon(loop)
+        elif self._timer is None:
+            self._timer = loop.call_later(self._wait_s, self._flush)
+        result = await future
+        if isinstance(result, Failed):
+            raise result.error
+        return result
+
+    def _flush_soon(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = loop.call_soon(self._flush)  # type: ignore[assignment]
+
+    def _flush(self) -> None:
+        self._timer = None
+        batch, self._pending = self._pending[:self._max], self._pending[self._max:]
+        batch = [(r, f) for r, f in batch if not f.done()]  # a request whose client went is not run
+        if self._pending:
+            self._flush_soon(asyncio.get_running_loop())
+        if not batch:
+            return
+        try:
+            results = self._run([r for r, _ in batch])
+        except BaseException as exc:  # noqa: BLE001 - the batch's error is each of its requests' error
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, future), result in zip(batch, results):
+            if not future.done():
+                future.set_result(result)

@@ -112,6 +112,7 @@ class DataPlane:
             keep_alive_s=args.http_keep_alive_s, drain_timeout_s=args.http_drain_timeout_s,
             max_connections=per_interpreter, retry_after_s=args.retry_after_s, manifest=manifest, openapi=openapi,
             snapshot=self.snapshot.address, peers=ctypes.addressof(self._peers),
+            max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_timeout_s,
         )
         try:
             # A setup: an interpreter that replaces a lost one starts its server before it is put in service.
@@ -152,6 +153,12 @@ class DataPlane:
         with self._lock:
             blocks = [w.block for _, w in sorted(self._watched.items())]
         return {"open": [b[_server.CONNECTIONS] for b in blocks], "active": [b[_server.ACTIVE] for b in blocks]}
+
+    def model_calls(self) -> int:
+        """Calls the servers made to their models (a batch of requests is one, as each step of a stream)."""
+        with self._lock:
+            blocks = [w.block for w in self._watched.values()]
+        return sum(b[_server.SEQ] for b in blocks)
 
     def threads(self) -> list[int]:
         """Native ids of the threads the servers run on (to tell the interpreters' CPU time from the host's)."""

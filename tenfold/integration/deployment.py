@@ -445,7 +445,8 @@ class TenfoldModel:
         if self._dataplane is not None:
             connections = self._dataplane.connections()
             body["http_port"] = {"port": self._dataplane.port, "connections_open": connections["open"],
-                                 "connections_active": connections["active"]}
+                                 "connections_active": connections["active"],
+                                 "model_calls": self._dataplane.model_calls()}
         if self._memory:
             # Measured at the last health check, between calls: what a soak judges leaks by.
             body["memory_in_use"] = self._memory

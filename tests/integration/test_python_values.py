@@ -13,6 +13,7 @@ import jsonschema
 import pytest
 import requests
 import torch
+from support import free_port
 
 import tenfold.packaging as tp
 
@@ -135,23 +136,34 @@ def batched(serve_session, minilm_archive: Path) -> Iterator[SimpleNamespace]:  
 
     from tenfold.integration import app_builder
 
+    port = free_port()
     app = app_builder({"archive": str(minilm_archive), "interpreters": 2, "num_cpus": 0.5, "name": "batched",
-                       "max_batch_size": 8, "batch_wait_timeout_s": 0.05})
+                       "max_batch_size": 8, "batch_wait_timeout_s": 0.05, "http_port": port,
+                       "http_host": "127.0.0.1"})
     handle = serve.run(app, name="batched", route_prefix="/batched")
+    url = f"{serve_session.url}/batched"
+
+    def calls(route: str) -> int:
+        """Model calls so far: every call, or those of http_port's servers."""
+        stats = requests.get(f"{url}/-/stats", timeout=30).json()
+        return stats["calls"] if route == "serve" else stats["http_port"]["model_calls"]
+
     try:
-        yield SimpleNamespace(url=f"{serve_session.url}/batched", handle=handle, host=tp.load(minilm_archive))
+        yield SimpleNamespace(url=url, urls={"serve": url, "http_port": f"http://127.0.0.1:{port}"}, handle=handle,
+                              host=tp.load(minilm_archive), calls=calls)
     finally:
         serve.delete("batched")
 
 
+@pytest.mark.parametrize("route", ["serve", "http_port"])
 def test_concurrent_requests_are_joined_into_calls_and_each_gets_its_own_results_back(
-        batched: SimpleNamespace) -> None:
+        batched: SimpleNamespace, route: str) -> None:
     requests_texts = [[f"text {i} of request {r}" for i in range(1 + r % 3)] for r in range(12)]
-    before = requests.get(f"{batched.url}/-/stats", timeout=30).json()["calls"]
+    before = batched.calls(route)
     with ThreadPoolExecutor(12) as pool:
-        answers = list(pool.map(lambda texts: requests.post(batched.url, json={"inputs": {"texts": texts}},
+        answers = list(pool.map(lambda texts: requests.post(batched.urls[route], json={"inputs": {"texts": texts}},
                                                             timeout=60), requests_texts))
-    calls = requests.get(f"{batched.url}/-/stats", timeout=30).json()["calls"] - before
+    calls = batched.calls(route) - before
     for texts, r in zip(requests_texts, answers):
         assert r.status_code == 200, r.text
         close(r.json()["outputs"], batched.host(texts))  # its slice, whole and in order
@@ -163,11 +175,12 @@ def test_concurrent_requests_are_joined_into_calls_and_each_gets_its_own_results
         close(got, batched.host(texts))
 
 
-def test_one_bad_request_in_a_batch_fails_alone(batched: SimpleNamespace) -> None:
+@pytest.mark.parametrize("route", ["serve", "http_port"])
+def test_one_bad_request_in_a_batch_fails_alone(batched: SimpleNamespace, route: str) -> None:
     bodies = [{"inputs": [["fine", "also fine"]]}, {"inputs": [["good", 7]]}, {"inputs": [["fine too"]]},
               {"inputs": ["not a list"]}]
     with ThreadPoolExecutor(len(bodies)) as pool:
-        answers = list(pool.map(lambda b: requests.post(batched.url, json=b, timeout=60), bodies))
+        answers = list(pool.map(lambda b: requests.post(batched.urls[route], json=b, timeout=60), bodies))
     assert [a.status_code for a in answers] == [200, 422, 200, 422], [a.text for a in answers]
     assert "input 0 ('texts')" in answers[1].json()["error"]["message"]
     close(answers[0].json()["outputs"], batched.host(["fine", "also fine"]))
@@ -178,7 +191,7 @@ def test_one_bad_request_in_a_batch_fails_alone(batched: SimpleNamespace) -> Non
 def test_memory_a_large_request_took_is_given_back(serve_session, tmp_path: Path) -> None:  # noqa: ANN001
     import psutil
     from ray import serve
-    from support import free_port, wait_for
+    from support import wait_for
 
     from examples import echo
     from tenfold.integration import app_builder

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import requests
 import torch
-from support import running_replicas, wait_for
+from support import free_port, running_replicas, wait_for
 from testmodels import serve_models
 from testmodels.serve_models import RAISE, SPIN
 
@@ -269,16 +269,26 @@ BATCH = 8
 
 @pytest.fixture(scope="module")
 def batched(serve_session, probe_archive: Path) -> Iterator[SimpleNamespace]:
-    """The probe with dynamic batching: one interpreter, batches of up to 8 requests gathered for 0.2 s."""
+    """The probe with dynamic batching: one interpreter, batches of up to 8 requests gathered for 0.2 s, on Serve's
+    route and on http_port."""
     from ray import serve
 
     from tenfold.integration import app_builder
 
+    port = free_port()
     app = app_builder({"archive": str(probe_archive), "interpreters": 1, "num_cpus": 0.25, "max_batch_size": BATCH,
-                       "batch_wait_timeout_s": 0.2, "request_timeout_s": REQUEST_TIMEOUT_S, "name": "probe"})
+                       "batch_wait_timeout_s": 0.2, "request_timeout_s": REQUEST_TIMEOUT_S, "name": "probe",
+                       "http_port": port, "http_host": "127.0.0.1"})
     handle = serve.run(app, name="batched", route_prefix="/batched")
     url = f"{serve_session.url}/batched"
-    yield SimpleNamespace(handle=handle, url=url, stats=lambda: requests.get(f"{url}/-/stats", timeout=30).json())
+
+    def calls(route: str) -> int:
+        """Model calls so far: every call (those of http_port's requests too), or http_port's."""
+        stats = requests.get(f"{url}/-/stats", timeout=30).json()
+        return stats["calls"] if route == "serve" else stats["http_port"]["model_calls"]
+
+    yield SimpleNamespace(handle=handle, urls={"serve": url, "http_port": f"http://127.0.0.1:{port}"},
+                          stats=lambda: requests.get(f"{url}/-/stats", timeout=30).json(), calls=calls)
     serve.delete("batched")
 
 
@@ -299,27 +309,33 @@ def all_at_once(call, items: list) -> list:  # noqa: ANN001
         return list(clients.map(one, items))
 
 
-def test_batching_joins_json_requests_and_splits_the_answers(batched: SimpleNamespace) -> None:
-    calls = batched.stats()["calls"]
+@pytest.mark.parametrize("route", ["serve", "http_port"])
+def test_batching_joins_json_requests_and_splits_the_answers(batched: SimpleNamespace, route: str) -> None:
+    url = batched.urls[route]
+    calls = batched.calls(route)
     items = batch_inputs()
-    answers = all_at_once(lambda item: requests.post(batched.url, json={"inputs": list(item)}, timeout=30), items)
+    answers = all_at_once(lambda item: requests.post(url, json={"inputs": list(item)}, timeout=30), items)
     for (x, k), r in zip(items, answers):
         assert r.status_code == 200, r.text
         y, k2 = r.json()["outputs"]
         np.testing.assert_allclose(np.array(y, dtype=np.float32), expected(x, k)[0], rtol=1e-6)
         assert k2 == [2 * v for v in k]
-    assert batched.stats()["calls"] - calls < len(items)  # fewer model calls than requests: they were joined
-    r = requests.post(batched.url, json={"inputs": [[[1, 2, 3, 4]], [1, 2]]}, timeout=30)
+    assert batched.calls(route) - calls < len(items)  # fewer model calls than requests: they were joined
+    r = requests.post(url, json={"inputs": [[[1, 2, 3, 4]], [1, 2]]}, timeout=30)
     assert r.status_code == 422 and "same first (batch) dimension" in r.json()["error"]["message"]
+    r = requests.post(url, json={"inputs": [[[1, 2, 3]], [1]]}, timeout=30)
+    assert r.status_code == 422 and "input 0 (x) has shape [1, 3]" in r.json()["error"]["message"], r.text
 
 
-def test_batching_joins_arrow_requests_and_answers_each_in_arrow(batched: SimpleNamespace) -> None:
-    calls = batched.stats()["calls"]
+@pytest.mark.parametrize("route", ["serve", "http_port"])
+def test_batching_joins_arrow_requests_and_answers_each_in_arrow(batched: SimpleNamespace, route: str) -> None:
+    calls = batched.calls(route)
     items = batch_inputs()
 
     def call(item: tuple) -> requests.Response:
         body = codec.encode_arrow_inputs([np.array(item[0], np.float32), np.array(item[1])], ["x", "k"])
-        return requests.post(batched.url, data=body, headers={"Content-Type": codec.ARROW_TYPE}, timeout=30)
+        return requests.post(batched.urls[route], data=body, headers={"Content-Type": codec.ARROW_TYPE},
+                             timeout=30)
 
     answers = all_at_once(call, items)
     for (x, k), r in zip(items, answers):
@@ -327,7 +343,7 @@ def test_batching_joins_arrow_requests_and_answers_each_in_arrow(batched: Simple
         out = codec.decode_arrow_outputs(r.content)
         np.testing.assert_allclose(out["output_0"], expected(x, k)[0], rtol=1e-6)
         assert out["output_1"].tolist() == [2 * v for v in k]
-    assert batched.stats()["calls"] - calls < len(items)
+    assert batched.calls(route) - calls < len(items)
 
 
 def test_batching_joins_handle_calls_and_answers_each_its_own_rows(batched: SimpleNamespace) -> None:
@@ -345,7 +361,7 @@ def test_batching_joins_handle_calls_and_answers_each_its_own_rows(batched: Simp
 def test_a_batched_call_past_request_timeout_is_a_504_and_its_batch_runs_to_the_end(batched: SimpleNamespace) -> None:
     before = batched.stats()
     slow = [[serve_models.SLEEP, 2 * REQUEST_TIMEOUT_S, 0.0, 0.0]]
-    r = requests.post(batched.url, json={"inputs": [slow, [1]]}, timeout=30)
+    r = requests.post(batched.urls["serve"], json={"inputs": [slow, [1]]}, timeout=30)
     assert r.status_code == 504 and r.json()["error"]["type"] == "Timeout", r.text
     # A batch is shared by the requests in it: one caller's deadline does not interrupt it. It ends by itself,
     # as a call that succeeded, and the interpreter serves again.
@@ -353,8 +369,21 @@ def test_a_batched_call_past_request_timeout_is_a_504_and_its_batch_runs_to_the_
     after = wait_for(lambda: (s := batched.stats())["calls"] > before["calls"] and s["queue_depth"] == 0 and s, 30,
                      "the slow batch to finish")
     assert after["errors"] == before["errors"] and after["healthy"] == 1
-    r = requests.post(batched.url, json={"inputs": [[[1, 2, 3, 4]], [1]]}, timeout=30)
+    r = requests.post(batched.urls["serve"], json={"inputs": [[[1, 2, 3, 4]], [1]]}, timeout=30)
     assert r.status_code == 200 and r.json()["outputs"][1] == [2]
+
+
+def test_a_batched_call_on_http_port_past_request_timeout_is_a_504_and_the_interpreter_serves_on(
+        batched: SimpleNamespace) -> None:
+    # There the batch runs on the server's own thread, which its watchdog interrupts: every request in it is a 504.
+    slow = [[SPIN, 4000 * REQUEST_TIMEOUT_S, 0.0, 0.0]]
+    t0 = time.monotonic()
+    r = requests.post(batched.urls["http_port"], json={"inputs": [slow, [1]]}, timeout=30)
+    assert r.status_code == 504 and r.json()["error"]["type"] == "Timeout", r.text
+    assert time.monotonic() - t0 < 3 * REQUEST_TIMEOUT_S  # interrupted, not run to its end
+    r = requests.post(batched.urls["http_port"], json={"inputs": [[[1, 2, 3, 4]], [1]]}, timeout=30)
+    assert r.status_code == 200 and r.json()["outputs"][1] == [2]
+    assert batched.stats()["healthy"] == 1
 
 
 # -- autoscaling, and the archive from the object store --------------------------------------------
