@@ -3,7 +3,7 @@
     tenfold package MODULE:FACTORY -o model.pt     package a model as an archive
     tenfold inspect model.pt                       print its manifest, check its digests
     tenfold serve model.pt|MODULE:FACTORY          serve it with Ray Serve until Ctrl-C
-    tenfold bench runtime|packaging|serve|dataplane|stream|update|soak   run a benchmark
+    tenfold bench runtime|packaging|serve|dataplane|stream|update|models|soak   run a benchmark
 
 Handlers import what they need (torch, ray) when they run, so that `tenfold --help` stays fast.
 """
@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_serve)
 
     bench = commands.add_parser(
-        "bench", help="run a benchmark (runtime, packaging, serve, dataplane, stream, update, soak)"
+        "bench", help="run a benchmark (runtime, packaging, serve, dataplane, stream, update, models, soak)"
     ).add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
     p = bench.add_parser(
         "runtime",
@@ -235,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phases", default="proxy,direct,without-ray,handles",
                    help="which to run: proxy, direct (plain Serve through its proxy, with direct ingress), without-ray "
                    "(the interpreters' servers in a plain process against uvicorn), handles (Serve's replica "
-                   "settings for handle calls)")
+                   "settings for handle calls), batching (the embedder on http_port without and with "
+                   "max_batch_size 8)")
     p.add_argument("--out", type=Path, default=Path("bench-results"))
     p.set_defaults(handler=_bench("dataplane"))
 
@@ -265,6 +266,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=_positive(int), default=3, help="interleaved rounds (updates of each kind)")
     p.add_argument("--out", type=Path, default=Path("bench-results"))
     p.set_defaults(handler=_bench("update"))
+
+    p = bench.add_parser(
+        "models", help="several models per replica: memory against one application each, and a model's first request",
+        description="Serve 4 example archives on a local Ray: one tenfold application of all 4 against 4 tenfold "
+        "applications and against plain Serve (one deployment of the 4 models, and 4 applications), one at a time, "
+        "measuring their replicas' PSS with every model loaded; then the latency of a request to a model not yet "
+        "loaded against one to a model loaded (max_models_per_replica 1), tenfold on Serve's route and http_port "
+        "against plain Serve's @serve.multiplexed, in interleaved rounds. Write models.json and models.png.",
+    )
+    p.add_argument("--models", default=",".join(("minilm_embedder", "semantic_search", "resnet", "text_encoder")),
+                   help="comma-separated examples (or archive paths) to serve together")
+    p.add_argument("--phases", default="memory,first", help="comma-separated: memory, first")
+    p.add_argument("--rounds", type=_positive(int), default=3, help="interleaved rounds of first requests")
+    p.add_argument("--out", type=Path, default=Path("bench-results"))
+    p.set_defaults(handler=_bench("models"))
 
     p = bench.add_parser(
         "soak",

@@ -36,7 +36,8 @@ from typing import Any
 from . import common
 
 MODELS = ("echo", "rnn_tagger", "minilm_embedder")
-PHASES = ("proxy", "direct", "without-ray", "handles")
+PHASES = ("proxy", "direct", "without-ray", "handles", "batching")
+BATCH = 8  # the batching phase's max_batch_size: the load's connections
 CPUS = 2
 CONNECTIONS = 8
 _CLK = os.sysconf("SC_CLK_TCK")
@@ -129,16 +130,16 @@ def _warm(urls: list[str], body: bytes, timeout_s: float = 300) -> None:
                 time.sleep(0.5)
 
 
-def _tenfold(archive: Path, port: int) -> _Setup:
+def _tenfold(archive: Path, port: int, name: str = "tenfold-port", **args: Any) -> _Setup:
     from ray import serve
 
     from tenfold.integration import app_builder
 
     app = app_builder({"archive": str(archive), "interpreters": 2, "num_cpus": CPUS, "threads_per_interpreter": 1,
-                       "http_port": port, "http_host": "127.0.0.1", "name": "tenfold"})
-    handle = serve.run(app, name="tenfold-port", route_prefix="/tenfold-port")
+                       "http_port": port, "http_host": "127.0.0.1", "name": "tenfold", **args})
+    handle = serve.run(app, name=name, route_prefix=f"/{name}")
     threads = handle.threads.remote().result()
-    return _Setup("tenfold-port", [f"http://127.0.0.1:{port}/"], {threads["pid"]},
+    return _Setup(name, [f"http://127.0.0.1:{port}/"], {threads["pid"]},
                   {threads["pid"]: threads["interpreter_threads"]})
 
 
@@ -285,6 +286,42 @@ def _phase(direct: bool, models: list[str], build: Path, args: argparse.Namespac
         if ray.is_initialized():
             ray.shutdown()
     return rows
+
+
+def _batching_phase(args: argparse.Namespace, build: Path) -> list[dict[str, Any]]:
+    """The embedder on http_port without and with max_batch_size, side by side in interleaved rounds: each
+    interpreter joins the requests of its own connections."""
+    from ray import serve
+
+    rows: list[dict[str, Any]] = []
+    archive = common.example_archive("minilm_embedder", build)
+    body = _body("minilm_embedder", archive)
+    with common.local_serve(num_cpus=3 * CPUS):
+        setups = [_tenfold(archive, common.free_port()),
+                  _tenfold(archive, common.free_port(), "tenfold-port-batched", max_batch_size=BATCH)]
+        for s in setups:
+            _warm(s.urls, body)
+            s.measure(body, 1.0)  # warm-up
+        for r in range(args.rounds):
+            for s in (setups if r % 2 == 0 else setups[::-1]):
+                row = {"model": "minilm_embedder", "phase": "batching", "round": r, **s.measure(body, args.seconds)}
+                rows.append(row)
+                print(f"  {row['setup']:21} round {r}: {row['rps']:7.1f} req/s  p99 {row['p99_ms']:7.1f} ms  "
+                      f"cpu/req {row['cpu_ms_per_request']:.2f} ms", flush=True)
+        for s in setups:
+            serve.delete(s.name)
+    return rows
+
+
+def batching_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each set-up's median throughput, p99 and CPU per request, and batched over unbatched (per-round ratios)."""
+    by = {name: [r for r in rows if r["setup"] == name] for name in ("tenfold-port", "tenfold-port-batched")}
+    ratios = [b["rps"] / a["rps"] for a, b in zip(by["tenfold-port"], by["tenfold-port-batched"]) if a["rps"]]
+    return {"setups": {name: {"rps": statistics.median(r["rps"] for r in rs),
+                              "p99_ms": statistics.median(r["p99_ms"] for r in rs),
+                              "cpu_ms_per_request": statistics.median(r["cpu_ms_per_request"] for r in rs),
+                              "errors": sum(r["errors"] for r in rs)} for name, rs in by.items()},
+            "batched_over_unbatched": statistics.median(ratios), "by_round": ratios, "max_batch_size": BATCH}
 
 
 # -- the handle path ---------------------------------------------------------------------------------
@@ -439,6 +476,11 @@ def run(args: argparse.Namespace) -> int:
         print("phase: handle calls to a tenfold replica under Serve's replica settings", flush=True)
         handle_rows = _handle_phase(args, build)
     handles = _handle_summary(handle_rows)
+    batching_rows = []
+    if "batching" in phases:
+        print(f"phase: the embedder on http_port without and with max_batch_size {BATCH}", flush=True)
+        batching_rows = _batching_phase(args, build)
+    batching = batching_summary(batching_rows) if batching_rows else None
     if summary:
         print(table(summary))
     if alone:
@@ -449,12 +491,19 @@ def run(args: argparse.Namespace) -> int:
         print(common.markdown_table(["replica settings", "calls/s", "replica CPU ms/call"],
                                     [[h["variant"], f"{h['calls_per_s']:,.0f}", f"{h['replica_cpu_ms_per_call']:.3f}"]
                                      for h in handles]))
+    if batching:
+        print(common.markdown_table(["set-up (minilm_embedder, http_port)", "req/s", "p99 ms", "CPU ms/req"],
+                                    [[name, f"{b['rps']:.1f}", f"{b['p99_ms']:.0f}", f"{b['cpu_ms_per_request']:.1f}"]
+                                     for name, b in batching["setups"].items()]))
+        print(f"batched / unbatched: {batching['batched_over_unbatched']:.2f}x the throughput (by round: "
+              + ", ".join(f"{r:.2f}" for r in batching["by_round"]) + ")")
     print(capacity(summary))
     report = {"rows": rows, "summary": summary, "without_ray_rows": alone_rows, "without_ray": alone,
-              "handle_rows": handle_rows, "handles": handles, "cpus": CPUS,
+              "handle_rows": handle_rows, "handles": handles, "batching_rows": batching_rows,
+              "batching": batching, "cpus": CPUS,
               "connections": CONNECTIONS, "seconds": args.seconds, "rounds": args.rounds,
               "machine": f"{os.cpu_count()} cores"}
-    json_path, png_path = common.write_report(args.out, "dataplane", report, lambda p: _plot(summary, p))
+    json_path, png_path = common.write_report(args.out, "dataplane", report, lambda p: _plot(summary, p, batching))
     print(f"wrote {json_path} and {png_path}")
     return 0
 
@@ -474,7 +523,7 @@ def capacity(summary: list[dict[str, Any]]) -> str:
             "15 per process.")
 
 
-def _plot(summary: list[dict[str, Any]], path: Path) -> None:
+def _plot(summary: list[dict[str, Any]], path: Path, batching: dict[str, Any] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -482,10 +531,18 @@ def _plot(summary: list[dict[str, Any]], path: Path) -> None:
 
     models = list(dict.fromkeys(s["model"] for s in summary))
     setups = ["tenfold-port", "plain-direct", "plain-proxy", "uvicorn"]
-    if not models:
+    panels = len(models) + (batching is not None)
+    if not panels:
         return
-    fig, axes = plt.subplots(1, len(models), figsize=(4.5 * len(models), 3.8))
-    for ax, model in zip(axes if len(models) > 1 else [axes], models):
+    fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 3.8), squeeze=False)
+    if batching is not None:
+        ax = axes[0][-1]
+        names = list(batching["setups"])
+        ax.bar([f"max_batch_size {batching['max_batch_size']}" if "batched" in n else "unbatched" for n in names],
+               [batching["setups"][n]["rps"] for n in names], color=["tab:green", "tab:olive"])
+        ax.set_title(f"minilm_embedder on http_port: {batching['batched_over_unbatched']:.2f}x batched")
+        ax.set_ylabel("requests/s (2 CPUs, wrk, 8 connections)")
+    for ax, model in zip(axes[0], models):
         values = []
         for setup in setups:
             found = [s["rps"] for s in summary if s["model"] == model and s["setup"] == setup]
