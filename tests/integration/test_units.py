@@ -323,5 +323,5 @@ def test_every_config_is_a_valid_serve_config_with_valid_app_args(config: Path) 
             archives = [composed.embedder, composed.search]
         else:
             assert app.import_path == "tenfold.integration:app_builder"
-            archives = [AppArgs.model_validate(app.args).archive]
+            archives = [ref.archive for ref in AppArgs.model_validate(app.args).archive_refs.values()]
         assert all(a.startswith("build/") for a in archives)
