@@ -230,16 +230,18 @@ def test_the_openapi_document_gives_every_models_routes_and_validation_agrees_wi
 
 
 def test_serves_router_sends_a_models_requests_to_the_replica_that_holds_it(
-        serve_session, archives: dict[str, Path]) -> None:  # noqa: ANN001
+        app: SimpleNamespace, serve_session, archives: dict[str, Path]) -> None:  # noqa: ANN001
     from ray import serve
 
     name = "catalog-two"
     # Two replicas that hold one model each: requests for two models in turn settle one model on each replica.
     # Routed at random, about every other request would find the other model loaded, and load its own.
-    applications = {name: {"name": name, "route_prefix": f"/{name}", "import_path": "tenfold.integration:app_builder",
-                           "args": {"archives": {n: str(archives[n]) for n in NAMES}, "num_replicas": 2,
-                                    "max_models_per_replica": 1, "interpreters": 1, "num_cpus": 0.5}}}
-    deploy(applications)
+    # (Deployed with the module's application: a config deploy removes the applications it leaves out.)
+    app.applications[name] = {
+        "name": name, "route_prefix": f"/{name}", "import_path": "tenfold.integration:app_builder",
+        "args": {"archives": {n: str(archives[n]) for n in NAMES}, "num_replicas": 2, "max_models_per_replica": 1,
+                 "interpreters": 1, "num_cpus": 0.5}}
+    deploy(app.applications)
     try:
         url = f"{serve_session.url}/{name}"
         wait_for(lambda: running_replicas(name, "models") == 2, 120, "both replicas")
@@ -255,4 +257,5 @@ def test_serves_router_sends_a_models_requests_to_the_replica_that_holds_it(
         settled = wait_for(in_turn, 60, "each model's requests to settle on a replica of its own")
         assert in_turn() == settled
     finally:
+        del app.applications[name]
         serve.delete(name)
