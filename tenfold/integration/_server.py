@@ -361,11 +361,12 @@ class _Server:
                 content_length = value.decode("latin-1")
             elif header == b"accept":
                 accept = value.decode("latin-1")
-        interface = settings.models[name].interface
-        media = routes.media_type(content_type, interface)
+        media = routes.media_type(content_type, settings.models[name].interface)
         routes.check_declared_length(content_length, settings.max_request_bytes)
         body = await _read_body(receive, settings.max_request_bytes)
-        model_id = await self._hold(name, scope)
+        served = await self._hold(name, scope)  # the model as served now (an update may have come meanwhile)
+        model_id, interface = served.model_id, served.interface
+        assert model_id is not None
         if interface.streams:
             return self._open_stream(model_id, interface, body, routes.wants_events(accept))
         if settings.max_batch_size is not None:
@@ -410,9 +411,9 @@ class _Server:
         assert settings.max_batch_size is not None
         return batching.Batcher(run, settings.max_batch_size, settings.batch_wait_timeout_s)
 
-    async def _hold(self, name: str, scope: dict[str, Any]) -> str:
-        """The id of model `name` as loaded in this interpreter, counted as begun for this request (until `app`
-        ends it) so that the host drops it only once the request is answered. A model the replica has not
+    async def _hold(self, name: str, scope: dict[str, Any]) -> Served:
+        """Model `name` as loaded in this interpreter, counted as begun for this request (until `app` ends it) so
+        that the host drops it only once the request is answered. A model the replica has not
         loaded is asked for (WANTED), and waited for, while this interpreter serves its other connections."""
         since = time.monotonic_ns()
         deadline = time.monotonic() + self.settings.load_timeout_s
@@ -425,7 +426,7 @@ class _Server:
                 if self.settings.models[name].model_id == served.model_id:
                     scope["tenfold.model"] = served.model_id
                     self.block[USED_BASE + served.index] = time.monotonic_ns()
-                    return served.model_id
+                    return served
                 self.begun[served.model_id] -= 1
                 continue
             if served.error is not None and served.error[1] >= since:

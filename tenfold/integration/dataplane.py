@@ -232,8 +232,11 @@ class DataPlane:
             return self._stopping.wait(timeout_s)
         deadline = time.monotonic() + timeout_s
         while not self._stopping.wait(max(0.0, min(_WANTS_S, deadline - time.monotonic()))):
-            for name in self._take_wanted():
-                self._wanted(name)
+            try:
+                for name in self._take_wanted():
+                    self._wanted(name)
+            except Exception:  # noqa: BLE001 - the watcher must outlive any one bad look
+                _logger.exception("passing on the models the interpreters' HTTP servers wait for failed")
             if time.monotonic() >= deadline:
                 return False
         return True

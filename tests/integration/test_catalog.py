@@ -259,3 +259,22 @@ def test_serves_router_sends_a_models_requests_to_the_replica_that_holds_it(
     finally:
         del app.applications[name]
         serve.delete(name)
+
+
+def test_a_corrupt_archive_or_one_that_cannot_batch_is_refused_at_deploy_by_its_name(
+        archives: dict[str, Path], tmp_path: Path) -> None:
+    from testmodels import serve_models
+
+    from tenfold.integration import DeployError, app_builder
+    from tenfold.packaging import save
+
+    data = bytearray(archives["gamma"].read_bytes())
+    data[data.rfind(bytes.fromhex("00004040") * 4)] ^= 0x01  # in gamma's weights (float32 3.0)
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(bytes(data))
+    with pytest.raises(DeployError, match=r"refusing to deploy archives\['gamma'\]: .*corrupt\.pt"):
+        app_builder({"archives": {"alpha": str(archives["alpha"]), "gamma": str(corrupt)}})
+    fixed = tmp_path / "fixed.pt"  # a tensor model without a batch dimension
+    save(serve_models.probe, fixed, example_inputs=serve_models.example_inputs(), dynamic={"x": [], "k": []})
+    with pytest.raises(DeployError, match=r"archives\['fixed'\]: max_batch_size needs a dynamic first"):
+        app_builder({"archives": {"alpha": str(archives["alpha"]), "fixed": str(fixed)}, "max_batch_size": 4})
