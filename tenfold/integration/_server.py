@@ -48,15 +48,16 @@ LATENCY_BASE = STATUS_BASE + len(STATUSES)  # one counter per bucket, and one pa
 SERVER_TID = LATENCY_BASE + len(LATENCY_BOUNDS_MS) + 1  # native thread ids of the server and its watchdog,
 WATCHDOG_TID = SERVER_TID + 1  # so that a profiler can tell this interpreter's CPU time from the host's
 ACTIVE = WATCHDOG_TID + 1  # open connections with a request in the last ACTIVE_S (idle keep-alive ones are no load)
-# An application of several models, each by its catalog index. WANTED: a bit per model, MODEL_BITS to a word:
-# requests here wait for the model, which this replica has not loaded (the host loads it, and clears the bits it
-# saw). USED: a word per model, the CLOCK_MONOTONIC ns of its last request here (the host keeps its models' least
-# recently used order by them).
+# Models by their catalog index (an application of one model has index 0). WANTED: a bit per model, MODEL_BITS to
+# a word: requests here wait for the model, which this replica has not loaded (the host loads it, and clears the
+# bits it saw). USED: a word per model, the CLOCK_MONOTONIC ns of its last request here (the host keeps its models'
+# least recently used order by them). HELD: a word per model, the requests here that hold it now.
 MODEL_BITS, MODEL_WORDS = 32, 8
 MAX_MODELS = MODEL_BITS * MODEL_WORDS
 WANTED_BASE = ACTIVE + 1
 USED_BASE = WANTED_BASE + MODEL_WORDS
-FIELDS = USED_BASE + MAX_MODELS
+HELD_BASE = USED_BASE + MAX_MODELS
+FIELDS = HELD_BASE + MAX_MODELS
 ACTIVE_S = 1.0
 
 SERVING, STOPPED, FAILED = 1, 2, 3
@@ -270,9 +271,10 @@ class _Server:
         try:
             await self._respond(self.settings, scope, receive, send)
         finally:
-            model_id = scope.get("tenfold.model")  # the model it held (see _hold)
-            if model_id is not None:
-                self.begun[model_id] -= 1
+            held = scope.get("tenfold.model")  # the model it held (see _hold)
+            if held is not None:
+                self.begun[held.model_id] -= 1
+                self.block[HELD_BASE + held.index] -= 1
 
     async def _respond(self, settings: Settings, scope: dict[str, Any], receive: Any, send: Any) -> None:
         t0 = time.perf_counter()
@@ -424,7 +426,8 @@ class _Server:
                 # Seen again once counted: the host takes a model out of the settings before it counts the
                 # requests on it, so a model still here now is dropped only after this request.
                 if self.settings.models[name].model_id == served.model_id:
-                    scope["tenfold.model"] = served.model_id
+                    scope["tenfold.model"] = served
+                    self.block[HELD_BASE + served.index] += 1
                     self.block[USED_BASE + served.index] = time.monotonic_ns()
                     return served
                 self.begun[served.model_id] -= 1

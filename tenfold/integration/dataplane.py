@@ -88,7 +88,7 @@ class DataPlane:
     def __init__(self, pool: InterpreterPool, models: dict[str, _server.Served], args: AppArgs, *, owner: str,
                  manifest: bytes, openapi: bytes, stats: Callable[[], dict[str, Any]], metrics: Any | None = None,
                  window_s: float = 10.0, wanted: Callable[[str], None] | None = None,
-                 used: Callable[[str], None] | None = None) -> None:
+                 used: Callable[[dict[str, float]], None] | None = None) -> None:
         if args.http_port is None:
             raise ValueError("the data plane needs http_port")
         self._pool, self._args, self._stats, self._metrics = pool, args, stats, metrics
@@ -188,6 +188,13 @@ class DataPlane:
             self._pool.remove_setup(self._setup)
             self._setup, self.settings = token, settings
 
+    def holding(self, index: int) -> int:
+        """Requests on the port that hold the model at catalog index `index` now, in all interpreters (read from
+        their blocks: no interpreter is asked)."""
+        with self._lock:
+            blocks = [w.block for w in self._watched.values()]
+        return sum(b[_server.HELD_BASE + index] for b in blocks)
+
     def requests_on(self, model_id: str) -> int:
         """Requests on the port that began on model `model_id` and are not yet answered, in all interpreters."""
         return sum(self._pool.broadcast(_server.requests_on, model_id))
@@ -214,9 +221,8 @@ class DataPlane:
                 stats = self._pool.stats()  # one snapshot for both: reading it computes every utilization
                 self._check_servers(now, stats)
                 self._refresh(stats)
-                if self._used is not None:
-                    for name in self._take_used():  # in the order they were last used
-                        self._used(name)
+                if self._used is not None and (used := self._take_used()):
+                    self._used(used)
                 if time.monotonic() - last_snapshot >= _SNAPSHOT_S:
                     last_snapshot = time.monotonic()
                     self.snapshot.write(json.dumps(self._stats()).encode())
@@ -256,8 +262,9 @@ class DataPlane:
                                  _server.MODEL_BITS) if bits >> (i % _server.MODEL_BITS) & 1 and i in self._names)
         return names
 
-    def _take_used(self) -> list[str]:
-        """The models requested on the port since the last look, least recently first."""
+    def _take_used(self) -> dict[str, float]:
+        """The models requested on the port since the last look, with the time of each one's last request
+        (time.time())."""
         with self._lock:
             watched = list(self._watched.values())
         last: dict[str, int] = {}
@@ -267,7 +274,8 @@ class DataPlane:
                 if ns > w.used[index]:
                     w.used[index] = ns
                     last[name] = max(ns, last.get(name, 0))
-        return sorted(last, key=last.__getitem__)
+        ago = time.time() - time.monotonic_ns() / 1e9  # the servers' clock is CLOCK_MONOTONIC
+        return {name: ago + ns / 1e9 for name, ns in last.items()}
 
     def _check_servers(self, now: int, stats: PoolStats) -> None:
         args = self._args

@@ -79,7 +79,8 @@ class TenfoldModel:
         self._batchers: dict[str, Any] = {}  # model id -> Serve's batcher of requests to it
         self._held: dict[str, updates.ModelVersion] = {}  # several archives: those loaded, by name
         self._wanted: set[str] = set()  # several archives: those loading for requests on http_port
-        self._used_at: dict[str, float] = {}  # several archives: when each was last asked for
+        self._used_at: dict[str, float] = {}  # several archives: when each was last asked for, on Serve's route
+        self._port_used_at: dict[str, float] = {}  # ... and on http_port
         self._closing = False
         try:
             self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()  # Serve's, for user code
@@ -204,6 +205,14 @@ class TenfoldModel:
         return self._leases.get(model_id, 0) + (0 if self._dataplane is None else
                                                 self._dataplane.requests_on(model_id))
 
+    def _holding(self, name: str, version: updates.ModelVersion) -> int:
+        """Requests that hold model `name`, as `version`, now (read without asking the interpreters, which may be
+        busy: this runs on the event loop)."""
+        port = 0
+        if self._dataplane is not None and self._catalog is not None:
+            port = self._dataplane.holding(self._catalog.entry(name).index)
+        return self._leases.get(version.model.model_id, 0) + port
+
     def _versions(self) -> list[updates.ModelVersion]:
         """The versions this replica serves now."""
         return list(dict(self._held).values()) if self._catalog is not None else [v for v in [self._version] if v]
@@ -305,15 +314,24 @@ class TenfoldModel:
         finally:
             self._wanted.discard(name)
 
-    def _port_used(self, name: str) -> None:
-        """Requests on http_port used model `name` lately (the data plane's watcher thread calls this): it is
-        recently used for Serve's multiplexing too."""
+    def _port_used(self, used: dict[str, float]) -> None:
+        """Requests on http_port used these models lately, last at these times (the data plane's watcher thread
+        calls this, a quarter second late at most): they count as used then for Serve's multiplexing too."""
         if self._loop is not None and not self._closing:
-            asyncio.run_coroutine_threadsafe(self._touch(name), self._loop)
+            asyncio.run_coroutine_threadsafe(self._port_touched(used), self._loop)
 
-    async def _touch(self, name: str) -> None:
-        if name in self._held:  # held: Serve's multiplexing has it, and only moves it to the end of its order
-            await self._serving(name)
+    async def _port_touched(self, used: dict[str, float]) -> None:
+        for name, at in used.items():
+            self._port_used_at[name] = max(at, self._port_used_at.get(name, 0.0))
+        # Serve's multiplexing keeps the order in which models were last asked for, and can only move one to the
+        # end: every model held is asked for again, in the order of its last use on either route. (Held: each
+        # comes back at once, loading nothing.)
+        for name in sorted(self._held, key=self._last_used):
+            await self._multiplexed(name)
+
+    def _last_used(self, name: str) -> float:
+        """When model `name` was last used, on Serve's route and handles or on http_port (time.time())."""
+        return max(self._used_at.get(name, 0.0), self._port_used_at.get(name, 0.0))
 
     # -- updates without a restart ---------------------------------------------------------------
 
@@ -441,7 +459,8 @@ class TenfoldModel:
         body = {**self._pool_stats().as_dict(), "pid": os.getpid()}
         if self._catalog is not None:
             body["models"] = {name: {"sha256": v.locator.sha256, "archive_from": v.archive.origin, "loaded_at": v.since,
-                                     "used_at": self._used_at.get(name)} for name, v in dict(self._held).items()}
+                                     "used_at": self._last_used(name), "requests": self._holding(name, v)}
+                              for name, v in dict(self._held).items()}
         if self._dataplane is not None:
             connections = self._dataplane.connections()
             body["http_port"] = {"port": self._dataplane.port, "connections_open": connections["open"],

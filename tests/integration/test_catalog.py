@@ -163,25 +163,48 @@ def test_models_load_on_first_use_and_past_the_bound_the_least_recently_used_is_
     assert manifest["models"]["beta"]["sha256"] == sha256(app.archives["beta"])
 
 
-def test_a_model_unloaded_while_its_calls_run_finishes_them_first(app: SimpleNamespace) -> None:
+@pytest.mark.parametrize("route", ["serve", "http_port"])
+def test_a_model_unloaded_while_a_call_runs_keeps_its_weights_until_the_call_ends(
+        app: SimpleNamespace, route: str) -> None:
     pid = stats(app)["pid"]
     tag(app.url, "gamma", "c")  # held, and not the least recently used next
-    results: dict[str, Any] = {}
-
-    def slow(route: str, url: str) -> None:
-        results[route] = tag(url, "beta", f"{catalog_models.HOLD}2")
-
-    threads = [threading.Thread(target=slow, args=route) for route in (("serve", app.url), ("port", app.port_url))]
-    for t in threads:
-        t.start()
-    wait_for(lambda: stats(app)["queue_depth"] >= 2, 30, "both slow calls to be in the interpreters")
+    url = app.url if route == "serve" else app.port_url
+    result: list[dict[str, Any]] = []
+    slow = threading.Thread(target=lambda: result.extend(tag(url, "beta", f"{catalog_models.HOLD}3")))
+    slow.start()
+    wait_for(lambda: stats(app)["models"].get("beta", {}).get("requests") == 1, 30, "the slow call to hold beta")
     tag(app.url, "gamma", "c")
-    tag(app.url, "alpha", "a")  # beta is the least recently used: unloaded while both its calls run
-    assert "beta" not in held(app)
-    for t in threads:
-        t.join(60)
-    assert {route: r[0]["model"] for route, r in results.items()} == {"serve": "beta", "port": "beta"}
-    wait_for(lambda: not mapped(pid, app.archives["beta"]), 30, "beta's archive to be unmapped once its calls ended")
+    # beta is the least recently used: alpha's first request unloads it while its call runs (and alpha's load waits
+    # for the interpreter that runs it, if that call is on its queue).
+    loading = threading.Thread(target=tag, args=(app.url, "alpha", "a"))
+    loading.start()
+    wait_for(lambda: "beta" not in held(app), 30, "beta to be unloaded")
+    assert mapped(pid, app.archives["beta"]) and slow.is_alive()  # its weights stay while the call runs
+    slow.join(60)
+    loading.join(60)
+    assert result and result[0]["model"] == "beta"
+    wait_for(lambda: not mapped(pid, app.archives["beta"]), 30, "beta's archive to be unmapped once its call ended")
+
+
+def test_a_model_unloaded_while_a_requests_body_arrives_serves_that_request(app: SimpleNamespace) -> None:
+    import socket
+    from urllib.parse import urlsplit
+
+    body = b'{"inputs": [["late"]]}'
+    where = urlsplit(app.url)
+    with socket.create_connection((where.hostname, where.port), timeout=60) as conn:
+        conn.sendall(f"POST {where.path}/beta HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body[:5])
+        # The request holds beta (its body still on its way) when alpha's first request unloads it.
+        wait_for(lambda: stats(app)["models"].get("beta", {}).get("requests") == 1, 30, "the request to hold beta")
+        tag(app.url, "gamma", "c")  # (the request made beta the most recently used)
+        tag(app.url, "alpha", "a")
+        assert "beta" not in held(app)
+        conn.sendall(body[5:])
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200") and b'"model": "beta"' in answer, answer[:500]
 
 
 def test_batching_joins_requests_to_one_model_and_never_across_models(app: SimpleNamespace) -> None:
