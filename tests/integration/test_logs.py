@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -119,12 +120,22 @@ def test_a_cancelled_call_and_a_client_gone_mid_request_leave_no_noise(apps: dic
     def stats() -> dict:
         return app.handle.stats.remote().result(timeout_s=30)
 
+    def holding(depth: int) -> bool:
+        """`depth` calls in the interpreter, and none of them ended within 0.3 s: not a health check's ping,
+        which comes and goes in a few milliseconds."""
+        before = stats()
+        if before["queue_depth"] < depth:
+            return False
+        time.sleep(0.3)
+        after = stats()
+        return after["queue_depth"] >= depth and after["calls"] == before["calls"]
+
     calls = stats()["calls"]
-    slow = app.handle.remote(torch.tensor([[SLEEP, 2.0, 0, 0]]), torch.tensor([1]))
+    slow = app.handle.remote(torch.tensor([[SLEEP, 3.0, 0, 0]]), torch.tensor([1]))
     # In the interpreter before the next is sent: two handle calls may reach the replica in either order.
-    wait_for(lambda: stats()["queue_depth"] >= 1, 30, "the slow call to reach the interpreter", interval_s=0.05)
+    wait_for(lambda: holding(1), 30, "the slow call to reach the interpreter", interval_s=0.05)
     doomed = app.handle.remote(torch.tensor([[RAISE, 0, 0, 0]]), torch.tensor([1]))  # queued behind it
-    wait_for(lambda: stats()["queue_depth"] == 2, 30, "both calls to reach the interpreter", interval_s=0.05)
+    wait_for(lambda: holding(2), 30, "both calls to reach the interpreter", interval_s=0.05)
     doomed.cancel()  # its call still fails in the interpreter, after its caller has gone
     slow.cancel()
     with pytest.raises(requests.exceptions.ReadTimeout):  # the client hangs up while its call waits
