@@ -17,6 +17,7 @@ _EXPORTS = {
     "AutoscalingArgs": ".config",
     "DeployError": ".config",
     "ModelUpdate": ".config",
+    "ModelsUpdate": ".config",
     "RequestTimeout": ".deployment",
     "TenfoldModel": ".deployment",
     "UtilizationPolicy": ".policy",

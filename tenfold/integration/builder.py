@@ -90,7 +90,8 @@ def app_builder(args: AppArgs) -> Application:
     A deployment's `user_config` (`ModelUpdate`: archive and sha256) overrides the archive, and a `serve deploy`
     that changes only that updates the running replicas in place (see `TenfoldModel.reconfigure`). With
     `archives` (several models by name), each replica loads a model into its interpreters on the first request
-    for it (see `tenfold.integration.catalog`).
+    for it (see `tenfold.integration.catalog`), and `user_config` (`ModelsUpdate`) overrides the archives of the
+    models it names.
 
     Each replica maps a local archive itself (one copy per node, in the page cache) or takes a remote one
     from the node's object store, where the first replica that needs it puts it; a replica on a node that

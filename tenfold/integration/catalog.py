@@ -5,7 +5,8 @@ The builder reads and checks every archive of `AppArgs.archives` once, as it doe
 none of them loaded. The first request for a model loads it into every interpreter of the replica, through Serve's
 multiplexing (`serve.multiplexed`): Serve's router then prefers the replicas that hold a model for requests that
 name it by header or handle option, and past `max_models_per_replica` the least recently used model is unloaded
-(`Held.__del__`), once the calls on it have ended.
+(`Held.__del__`), once the calls on it have ended. A deployment's `user_config` (`ModelsUpdate`) changes the
+archive of the models it names, in each replica's catalog and in the versions it holds.
 """
 
 from __future__ import annotations
@@ -68,6 +69,11 @@ class Catalog:
             raise routes.model_not_found(name, self._entries)
         return entry
 
+    def update(self, name: str, locator: ArchiveLocator, manifest: Any) -> Entry:
+        """Model `name` served from the archive at `locator` from now on (an update): its new entry."""
+        entry = self._entries[name] = Entry(name, self.entry(name).index, locator, manifest)
+        return entry
+
     def body(self) -> dict[str, Any]:
         """What GET /-/manifest answers: every model's manifest, sha256 and source."""
         return {"models": {e.name: e.body() for e in self}}
@@ -78,7 +84,8 @@ class Catalog:
 
 
 class Held:
-    """A loaded model as Serve's multiplexing caches it: the version serving it, and what unloads it."""
+    """A loaded model as Serve's multiplexing caches it: the version serving it (an update swaps it), and what
+    unloads it."""
 
     def __init__(self, version: Any, unload: Callable[[], Awaitable[None]]) -> None:
         self.version = version

@@ -331,12 +331,37 @@ class ModelUpdate(BaseModel):
                         "(`tenfold package` prints it).")
     endpoint_url: str | None = Field(None, description="S3-compatible store serving an s3:// archive.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _not_several(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "archives" in value and "archive" not in value:
+            raise ValueError("this application serves one archive: give user_config as {archive: ..., sha256: ...}")
+        return value
+
     @field_validator("sha256")
     @classmethod
     def _hex_digest(cls, value: str) -> str:
         digest = _digest(value)
         assert digest is not None
         return digest
+
+
+class ModelsUpdate(BaseModel):
+    """The `user_config` of an application of several archives: the archive each model it names serves, swapped in
+    place when a `serve deploy` changes it; the models it leaves out keep theirs (see `ModelUpdate`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    archives: dict[str, ModelUpdate] = Field(
+        description="For models of the application's `archives`, by name: the archive to serve and its sha256.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_one(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "archive" in value and "archives" not in value:
+            raise ValueError("this application serves several models: give user_config as "
+                             "{archives: {NAME: {archive: ..., sha256: ...}}}, naming the models to update")
+        return value
 
 
 def check_model(args: AppArgs, manifest: Any) -> None:

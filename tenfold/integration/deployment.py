@@ -13,7 +13,6 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
-import functools
 import logging
 import os
 import time
@@ -42,7 +41,7 @@ from . import archive_cache, batching, catalog, codec, logs, openapi, policy, ro
 from ._server import Served
 from .archive_cache import ArchiveLocator
 from .catalog import Catalog
-from .config import AppArgs, DeployError, ModelUpdate
+from .config import AppArgs, ModelsUpdate, ModelUpdate
 from .dataplane import DataPlane
 from .metrics import ReplicaMetrics
 from .routes import RequestTimeout
@@ -77,8 +76,10 @@ class TenfoldModel:
         self._updating = asyncio.Lock()
         self._leases: collections.Counter[str] = collections.Counter()  # model id -> requests holding it
         self._batchers: dict[str, Any] = {}  # model id -> Serve's batcher of requests to it
-        self._held: dict[str, updates.ModelVersion] = {}  # several archives: those loaded, by name
+        self._held: dict[str, catalog.Held] = {}  # several archives: those loaded, by name
         self._wanted: set[str] = set()  # several archives: those loading for requests on http_port
+        # several archives: held by a model's load, unload or update (each waits for the one in progress)
+        self._model_locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
         self._used_at: dict[str, float] = {}  # several archives: when each was last asked for, on Serve's route
         self._port_used_at: dict[str, float] = {}  # ... and on http_port
         self._closing = False
@@ -93,9 +94,8 @@ class TenfoldModel:
             initializer=prepare_interpreter)  # torch imported while this thread gets the archive
         self._deployed: ArchiveLocator | None = None
         if isinstance(archive, Catalog):
-            if _user_config():
-                raise DeployError("an application of several archives takes no user_config: change a model by "
-                                  "its entry in args.archives (Serve replaces the replicas)")
+            if pending := _user_config():  # Serve calls reconfigure with it next: the models it names, checked now
+                self._start_with_updates(archive, ModelsUpdate.model_validate(pending))
             self._pool = InterpreterPool(self._args.replica_interpreters, **pool_args)
             self._version: updates.ModelVersion | None = None
             loaded = f"{len(archive)} models, each loaded on its first request"
@@ -176,6 +176,17 @@ class TenfoldModel:
                      pooled - started, time.perf_counter() - pooled)
         return version
 
+    def _start_with_updates(self, models: Catalog, update: ModelsUpdate) -> None:
+        """Serve the archives a user_config names for models of `models` (each checked, as an update is; a replica
+        that cannot is refused, and Serve reports why). None is loaded yet."""
+        for name, model in update.archives.items():
+            entry = models.entry(name)
+            locator = updates.locate(model, workdir=self._workdir, deployed=entry.locator)
+            if locator.sha256 != entry.locator.sha256:
+                archive, manifest = updates.check_version(locator, self._args)
+                archive_cache.release(archive)  # mapped again by the model's first request
+                models.update(name, locator, manifest)
+
     # -- the versions served -------------------------------------------------------------------
 
     async def _serving(self, name: str = "") -> updates.ModelVersion:
@@ -186,7 +197,7 @@ class TenfoldModel:
             return self._version
         held = await self._multiplexed(name)
         self._used_at[name] = time.time()
-        return held.version
+        return held.version  # the one serving now (an update swaps it)
 
     @contextlib.contextmanager
     def _lease(self, version: updates.ModelVersion) -> Iterator[None]:
@@ -215,7 +226,9 @@ class TenfoldModel:
 
     def _versions(self) -> list[updates.ModelVersion]:
         """The versions this replica serves now."""
-        return list(dict(self._held).values()) if self._catalog is not None else [v for v in [self._version] if v]
+        if self._catalog is not None:
+            return [held.version for held in list(self._held.values())]
+        return [v for v in [self._version] if v]
 
     def _retire(self, version: updates.ModelVersion) -> None:
         """Drop `version` once no request holds it (see `updates.retire`)."""
@@ -251,6 +264,10 @@ class TenfoldModel:
     async def _load_held(self, name: str) -> catalog.Held:
         """Load model `name` into every interpreter (Serve's multiplexing calls this for a model it does not hold,
         one at a time). A model that cannot be loaded is a 503 that says why; the next request tries again."""
+        async with self._model_locks[name]:  # an update of the model waits, and is waited for
+            return await self._load_held_now(name)
+
+    async def _load_held_now(self, name: str) -> catalog.Held:
         assert self._catalog is not None
         entry = self._catalog.entry(name)
         t0 = time.perf_counter()
@@ -265,11 +282,15 @@ class TenfoldModel:
                                         self._declared(entry, error=(reason, time.monotonic_ns())))
             raise codec.HTTPError(f"model {name!r} could not be loaded on this replica: {reason}", status=503,
                                   kind="ModelUnavailable") from exc
-        self._held[name] = version
+
+        async def unload() -> None:
+            await self._unload(name, held)
+
+        held = self._held[name] = catalog.Held(version, unload)
         _logger.info("tenfold replica loaded model %r (%s) into %d interpreters in %.2f s (%d of %s held)", name,
                      entry.locator.describe(), self._pool.size, time.perf_counter() - t0, len(self._held),
                      self._args.max_models_per_replica or len(self._catalog))
-        return catalog.Held(version, functools.partial(self._unload, name, version))
+        return held
 
     def _load_entry(self, entry: catalog.Entry) -> updates.ModelVersion:
         """Model `entry`, loaded into every interpreter at once (on a worker thread); http_port serves it once
@@ -283,19 +304,20 @@ class TenfoldModel:
                 raise
         return version
 
-    async def _unload(self, name: str, version: updates.ModelVersion) -> None:
+    async def _unload(self, name: str, held: catalog.Held) -> None:
         """Serve unloads model `name` (the least recently used, past max_models_per_replica): no new request
         gets it, and it is dropped from every interpreter once the requests on it end."""
-        if self._held.get(name) is version:
+        if self._held.get(name) is held:
             del self._held[name]
         if self._closing:
             return
         assert self._catalog is not None
-        if self._dataplane is not None:
-            await asyncio.to_thread(self._dataplane.serve, name, self._declared(self._catalog.entry(name)))
-        _logger.info("tenfold replica unloads model %r (%s): the least recently used of %d", name,
-                     version.locator.describe(), (self._args.max_models_per_replica or 0) + 1)
-        self._retire(version)
+        async with self._model_locks[name]:  # an update of it in progress ends first (on the version it swaps in)
+            if self._dataplane is not None:
+                await asyncio.to_thread(self._dataplane.serve, name, self._declared(self._catalog.entry(name)))
+            _logger.info("tenfold replica unloads model %r (%s): the least recently used of %d", name,
+                         held.version.locator.describe(), (self._args.max_models_per_replica or 0) + 1)
+            self._retire(held.version)
 
     def _port_wants(self, name: str) -> None:
         """Requests on http_port wait for model `name`, which this replica does not hold (the data plane's
@@ -336,15 +358,19 @@ class TenfoldModel:
     # -- updates without a restart ---------------------------------------------------------------
 
     async def reconfigure(self, config: dict[str, Any] | None) -> None:
-        """Serve's `user_config` (see `ModelUpdate`): serve the archive it names, loaded into this replica's
-        running interpreters, one at a time while the others serve. Calls begun on the old version end on it.
+        """Serve's `user_config` (see `ModelUpdate`; for several archives `ModelsUpdate`, see `_update_models`):
+        serve the archive it names, loaded into this replica's running interpreters, one at a time while the others
+        serve. Calls begun on the old version end on it.
 
         An update that fails its checks (a digest that does not match, a corrupt archive, a model that does not
         load, batching it cannot do) leaves the old version serving: it is logged as an error and reported by
         `/-/manifest` and `/-/stats`. It is not raised: Serve would stop this replica for it, and start one that
         fails the same way."""
+        if config and self._catalog is not None:
+            await self._update_models(config)
+            return
         if not config or self._version is None or self._deployed is None:
-            return  # no user_config: the application's archive (several archives take none: see __init__)
+            return  # no user_config: the application's archive
         async with self._updating:
             try:
                 locator = updates.locate(ModelUpdate.model_validate(config), workdir=self._workdir,
@@ -381,12 +407,73 @@ class TenfoldModel:
                 raise
         return version
 
-    def _refuse(self, archive: str, sha256: str | None, exc: BaseException) -> None:
-        assert self._version is not None
+    async def _update_models(self, config: dict[str, Any]) -> None:
+        """The user_config of an application of several archives (`ModelsUpdate`): each model it names serves its
+        archive from now on. A model held is loaded again into the running interpreters, one at a time while the
+        others serve, and its calls begun on the old version end on it; a model not held is checked, and loads the
+        new archive on its first request. A model whose update fails its checks keeps its archive."""
+        assert self._catalog is not None
+        async with self._updating:
+            try:
+                update = ModelsUpdate.model_validate(config)
+                for name in update.archives:
+                    self._catalog.entry(name)  # ModelNotFound, naming those served
+            except (ValueError, LookupError) as exc:
+                self._refuse("user_config", None, exc)
+                return
+            for name, model in update.archives.items():
+                async with self._model_locks[name]:
+                    await self._update_model(name, model)
+
+    async def _update_model(self, name: str, model: ModelUpdate) -> None:
+        assert self._catalog is not None
+        entry = self._catalog.entry(name)
+        try:
+            locator = updates.locate(model, workdir=self._workdir, deployed=entry.locator)
+        except ValueError as exc:
+            self._refuse(model.archive, None, exc, name)
+            return
+        if locator.sha256 == entry.locator.sha256:
+            return  # served already
+        t0 = time.perf_counter()
+        held = self._held.get(name)
+        version: updates.ModelVersion | None = None
+        try:
+            if held is None:
+                archive, manifest = await asyncio.to_thread(updates.check_version, locator, self._args)
+                archive_cache.release(archive)  # mapped again by the model's first request
+            else:
+                version = await asyncio.to_thread(updates.load_version, self._pool, locator, self._args,
+                                                  rolling=True)
+                manifest = version.manifest
+        except Exception as exc:  # noqa: BLE001 - refused: the model keeps its archive
+            self._refuse(locator.source.describe(), locator.sha256, exc, name)
+            return
+        old = entry
+        entry = self._catalog.update(name, locator, manifest)
+        self._updates += 1
+        if self._refused is not None and self._refused.get("model") == name:
+            self._refused = None
+        if version is not None and self._held.get(name) is not held:  # unloaded while it loaded
+            self._retire(version)
+            version = None
+        if self._dataplane is not None:  # before the old version retires: no request on the port begins on it then
+            await asyncio.to_thread(self._dataplane.serve, name, self._declared(entry, version),
+                                    manifest=codec.json.dumps(self._manifest_body()).encode(),
+                                    openapi=codec.json.dumps(self._openapi()).encode())
+        if version is not None and held is not None:
+            previous, held.version = held.version, version  # one store on the event loop: the next request is on it
+            self._retire(previous)
+        _logger.info("tenfold replica: model %r now serves %s (%s)%s in %.2f s; %s is dropped once its calls end",
+                     name, locator.describe(), manifest.name, "" if version is None else ", loaded in place",
+                     time.perf_counter() - t0, old.locator.describe())
+
+    def _refuse(self, archive: str, sha256: str | None, exc: BaseException, model: str | None = None) -> None:
         self._refused = {"archive": archive, "sha256": sha256, "error": f"{type(exc).__name__}: {exc}",
                          "at": time.time()}
-        _logger.error("tenfold replica refused the update to %s and goes on serving %s: %s: %s", archive,
-                      self._version.locator.describe(), type(exc).__name__, exc)
+        if model is not None:
+            self._refused["model"] = model
+        _logger.error("tenfold replica: %s", self._refused_message())
 
     # -- callers -------------------------------------------------------------------------------
 
@@ -440,7 +527,8 @@ class TenfoldModel:
                    "node_id": ray.get_runtime_context().get_node_id()}
         if self._catalog is not None:
             return {**self._catalog.body(), **replica,
-                    "max_models_per_replica": self._args.max_models_per_replica or len(self._catalog)}
+                    "max_models_per_replica": self._args.max_models_per_replica or len(self._catalog),
+                    "updates": self._updates, "refused_update": self._refused}
         v = version or self._version
         assert v is not None
         return {
@@ -460,7 +548,7 @@ class TenfoldModel:
         if self._catalog is not None:
             body["models"] = {name: {"sha256": v.locator.sha256, "archive_from": v.archive.origin, "loaded_at": v.since,
                                      "used_at": self._last_used(name), "requests": self._holding(name, v)}
-                              for name, v in dict(self._held).items()}
+                              for name, v in ((n, h.version) for n, h in list(self._held.items()))}
         if self._dataplane is not None:
             connections = self._dataplane.connections()
             body["http_port"] = {"port": self._dataplane.port, "connections_open": connections["open"],
@@ -476,10 +564,16 @@ class TenfoldModel:
         return body
 
     def _refused_message(self) -> str | None:
-        if self._refused is None or self._version is None:
+        if self._refused is None:
             return None
-        return (f"the update to {self._refused['archive']} was refused, and {self._version.locator.describe()} goes "
-                f"on serving: {self._refused['error']}")
+        if self._catalog is not None:
+            name = self._refused.get("model")
+            serving = "every model keeps its archive" if name is None else \
+                f"model {name!r} goes on serving {self._catalog.entry(name).locator.describe()}"
+        else:
+            assert self._version is not None
+            serving = f"{self._version.locator.describe()} goes on serving"
+        return f"the update to {self._refused['archive']} was refused, and {serving}: {self._refused['error']}"
 
     def _pool_stats(self) -> PoolStats:
         stats = self._pool.stats()

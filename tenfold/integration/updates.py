@@ -91,6 +91,21 @@ def load_version(pool: Any, locator: ArchiveLocator, args: AppArgs, *, rolling: 
     return serve_version(locator, archive, model)
 
 
+def check_version(locator: ArchiveLocator, args: AppArgs) -> tuple[Resolved, Any]:
+    """Resolve the archive at `locator` and check it as `load_version` does, loading nothing: it and its manifest.
+    Raises what failed, naming the archive; nothing is kept then."""
+    from tenfold.packaging import Archive
+
+    archive = resolve(locator)
+    try:
+        manifest = Archive(archive.buffer, locator.source.describe()).verify()
+        check_model(args, manifest)
+    except BaseException:
+        archive_cache.release(archive)
+        raise
+    return archive, manifest
+
+
 def resolve(locator: ArchiveLocator) -> Resolved:
     """`archive_cache.resolve`, with a pin that the file does not match said as the update's."""
     try:

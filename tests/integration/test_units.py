@@ -105,6 +105,22 @@ def test_an_application_names_no_more_models_than_its_servers_can_ask_for() -> N
     assert config.MAX_ARCHIVES == _server.MAX_MODELS
 
 
+def test_user_config_takes_the_form_of_the_applications_archives() -> None:
+    from tenfold.integration.config import ModelsUpdate, ModelUpdate
+
+    digest = "ab" * 32
+    one = {"archive": "m.pt", "sha256": digest}
+    assert ModelUpdate.model_validate(one).sha256 == digest
+    update = ModelsUpdate.model_validate({"archives": {"alpha": {**one, "sha256": "SHA256:" + digest.upper()}}})
+    assert update.archives["alpha"].sha256 == digest
+    with pytest.raises(ValidationError, match="serves several models: give user_config as {archives: {NAME:"):
+        ModelsUpdate.model_validate(one)
+    with pytest.raises(ValidationError, match="serves one archive: give user_config as {archive: ..., sha256"):
+        ModelUpdate.model_validate({"archives": {"alpha": one}})
+    with pytest.raises(ValidationError, match="sha256"):
+        ModelsUpdate.model_validate({"archives": {"alpha": {"archive": "m.pt"}}})  # each update names its archive
+
+
 def test_routes_of_several_models_name_the_model_by_path_or_header() -> None:
     from tenfold.integration import routes
 

@@ -43,3 +43,13 @@ def gamma() -> Tagger:
 
 def example_inputs() -> tuple[list[str]]:
     return (["a", "b"],)
+
+
+def alpha2() -> Tagger:
+    """alpha's next version."""
+    return Tagger("alpha-2", 4)
+
+
+def gamma2() -> Tagger:
+    """gamma's next version."""
+    return Tagger("gamma-2", 5)
