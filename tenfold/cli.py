@@ -146,10 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="serve a model with Ray Serve (several interpreters per replica) until Ctrl-C",
         description="Serve MODEL: an archive, or MODULE:FACTORY (packaged to build/MODULE.pt first when the archive "
-        "is missing or older than the module). Starts a local Ray, prints how to call the model with curl and "
-        "with a Python handle, and serves until Ctrl-C. For YAML configs use `serve run CONFIG.yaml`.",
+        "is missing or older than the module). Several MODELs are served as one application, each at /NAME (the "
+        "archive's file name without .pt) and loaded on its first request. Starts a local Ray, prints how to call "
+        "the model with curl and with a Python handle, and serves until Ctrl-C. For YAML configs use "
+        "`serve run CONFIG.yaml`.",
     )
-    p.add_argument("model", metavar="MODEL", help="archive path, or MODULE:FACTORY (e.g. examples.rnn_tagger:build)")
+    p.add_argument("models", metavar="MODEL", nargs="+",
+                   help="archive path, or MODULE:FACTORY (e.g. examples.rnn_tagger:build)")
     p.add_argument("--interpreters", type=_interpreters, default=2, help="interpreters per replica (default: 2)")
     p.add_argument("--replicas", type=_positive(int), default=1, help="replicas (default: 1)")
     p.add_argument("--backend", choices=("namespaces", "threads"), default="namespaces")
@@ -157,9 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="Serve's HTTP proxy (default: 8000)")
     p.add_argument("--http-port", type=int, default=None,
                    help="the port the interpreters serve HTTP on themselves (default: --port + 1; 0: none)")
-    p.add_argument("--sha256", help="refuse the archive unless its sha256 is this")
-    p.add_argument("--name", help="the application's name (default: the archive's file name without .pt); its "
-                   "deployment is named for the model, as with app_builder")
+    p.add_argument("--sha256", help="refuse the archive unless its sha256 is this (one MODEL only)")
+    p.add_argument("--name", help="the application's name (default: the archive's file name without .pt, or "
+                   "'models' for several); its deployment is named for the model, as with app_builder")
     p.add_argument("--num-cpus", type=_positive(float), default=None,
                    help="CPUs reserved per replica (default: one per interpreter)")
     p.add_argument("--request-timeout-s", type=_positive(float), default=None,
@@ -500,12 +503,18 @@ def _archive_for(model: str) -> Path:
 
 def _serve(args: argparse.Namespace) -> int:
     try:
-        archive = _archive_for(args.model)
+        archives = {archive.stem: archive for archive in map(_archive_for, args.models)}
     except (ValueError, ImportError) as exc:
         print(f"tenfold serve: {exc}", file=sys.stderr)
         return 2
-    if not archive.is_file():
-        print(f"tenfold serve: no archive at {archive}; give an archive path or MODULE:FACTORY", file=sys.stderr)
+    problem = next((f"no archive at {a}; give an archive path or MODULE:FACTORY" for a in archives.values()
+                    if not a.is_file()), None)
+    if len(archives) < len(args.models):
+        problem = "two MODELs have the same file name; each is served at /NAME, NAME its file name without .pt"
+    elif len(archives) > 1 and args.sha256:
+        problem = "--sha256 pins one archive; to pin several, serve them from a YAML config with archives"
+    if problem:
+        print(f"tenfold serve: {problem}", file=sys.stderr)
         return 2
     import ray
     from ray import serve
@@ -514,10 +523,15 @@ def _serve(args: argparse.Namespace) -> int:
     from tenfold.integration.codec import example_request
     from tenfold.packaging import read_manifest
 
-    manifest = read_manifest(archive)
-    request_file = archive.resolve().with_suffix(".request.json")
-    request_file.write_text(json.dumps(example_request(archive)))
-    name = args.name or archive.stem
+    models = {}
+    for model, archive in archives.items():
+        request_file = archive.resolve().with_suffix(".request.json")
+        request_file.write_text(json.dumps(example_request(archive)))
+        models[model] = (request_file, read_manifest(archive).signature())
+    several = len(archives) > 1
+    name = args.name or ("models" if several else next(iter(archives)))
+    which = {"archives": {m: str(a) for m, a in archives.items()}} if several else \
+        {"archive": str(next(iter(archives.values()))), "sha256": args.sha256}
     ray.init(num_cpus=max(os.cpu_count() or 1, args.interpreters * args.replicas), include_dashboard=False)
     # SIGTERM ends the serving loop as Ctrl-C does, so that Serve and Ray are shut down either way.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
@@ -530,8 +544,7 @@ def _serve(args: argparse.Namespace) -> int:
             limits = {"num_cpus": args.num_cpus, "request_timeout_s": args.request_timeout_s,
                       "max_ongoing_requests": args.max_ongoing_requests,
                       "max_queued_requests": args.max_queued_requests, "max_request_bytes": args.max_request_bytes}
-            app = app_builder({"archive": str(archive), "sha256": args.sha256,
-                               "interpreters": args.interpreters, "num_replicas": args.replicas,
+            app = app_builder({**which, "interpreters": args.interpreters, "num_replicas": args.replicas,
                                "backend": args.backend, "http_port": args.http_port or None,
                                "http_host": args.host, **{k: v for k, v in limits.items() if v is not None}})
         except (DeployError, ValueError) as exc:  # a pydantic ValidationError is a ValueError, naming the field
@@ -539,7 +552,7 @@ def _serve(args: argparse.Namespace) -> int:
             return 1
         serve.run(app, name=name, route_prefix="/")
         address = ray.get_runtime_context().gcs_address
-        print(_usage(name, args, request_file, manifest.signature(), address), flush=True)
+        print(_usage(name, args, models if several else {"": models[next(iter(models))]}, address), flush=True)
         while True:
             signal.pause()
     except KeyboardInterrupt:
@@ -559,44 +572,56 @@ def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def _usage(name: str, args: argparse.Namespace, request_file: Path, signature: str, address: str) -> str:
+def _usage(name: str, args: argparse.Namespace, models: dict[str, tuple[Path, str]], address: str) -> str:
+    """How to call the application: `models` gives each model's request file and signature, by name ("" for an
+    application of one archive, served at /)."""
     url = f"http://{args.host}:{args.port}/"
-    body = request_file.read_text()
-    data = f"'{body}'" if len(body) <= 160 and "'" not in body else f"@{request_file}"
+    port_url = f"http://{args.host}:{args.http_port}/" if args.http_port else None
     # A local Ray authenticates its clients with ~/.ray/auth_token, and a client uses it only when told to.
     auth = "RAY_AUTH_MODE=token " if os.environ.get("RAY_AUTH_MODE", "").lower() == "token" else ""
-    port_calls = ""
-    if args.http_port:
-        port_url = f"http://{args.host}:{args.http_port}/"
-        port_calls = f"""
-Straight to the interpreters (http_port {args.http_port}: each interpreter serves HTTP itself, the fastest way in):
-
-  curl -s -X POST {port_url} -H 'Content-Type: application/json' -d {data}
-  curl -s {port_url}-/stats
-"""
-    return f"""
-tenfold is serving {name!r}: {args.replicas} replica(s) x {args.interpreters} interpreter(s) ({args.backend}).
-Its signature: {signature}
-
+    several = "" not in models
+    shape = f"{args.replicas} replica(s) x {args.interpreters} interpreter(s) ({args.backend})"
+    text = [f"\ntenfold is serving {name!r}: {shape}."]
+    for model, (request_file, signature) in models.items():
+        body = request_file.read_text()
+        data = f"'{body}'" if len(body) <= 160 and "'" not in body else f"@{request_file}"
+        if several:
+            text.append(f"\nModel {model!r}, loaded on its first request. Its signature: {signature}")
+        else:
+            text.append(f"Its signature: {signature}")
+        text.append(f"""
 Through Serve's HTTP proxy:
 
-  curl -s -X POST {url} -H 'Content-Type: application/json' -d {data}
+  curl -s -X POST {url}{model} -H 'Content-Type: application/json' -d {data}""")
+        if port_url:
+            text.append(f"""
+Straight to the interpreters (http_port {args.http_port}: each interpreter serves HTTP itself, the fastest way in):
+
+  curl -s -X POST {port_url}{model} -H 'Content-Type: application/json' -d {data}""")
+    text.append(f"""
+What the replica serves, and its figures:
+
   curl -s {url}-/manifest
   curl -s {url}-/openapi.json
-{port_calls}
+  curl -s {port_url or url}-/stats""")
+    model, (request_file, _) = next(iter(models.items()))
+    options = f".options(multiplexed_model_id={model!r})" if several else ""
+    text.append(f"""
 From Python (another process on this machine), with the same inputs as Python values:
 
   {auth}{sys.executable} - <<'PY'
   import json, ray
   from ray import serve
   ray.init(address={address!r})
-  handle = serve.get_app_handle({name!r})
+  handle = serve.get_app_handle({name!r}){options}
   inputs = json.load(open({str(request_file)!r}))["inputs"]
   print(handle.remote(*inputs).result())
   PY
 
-The request body is also in {request_file}. Ctrl-C stops serving.
-"""
+The request body{" of each model is in its archive's .request.json" if several else f" is also in {request_file}"}.
+Ctrl-C stops serving.
+""")
+    return "\n".join(text)
 
 
 # -- bench ----------------------------------------------------------------------------------------

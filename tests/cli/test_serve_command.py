@@ -1,5 +1,5 @@
-"""`tenfold serve` and `./dev serve`: serve, print how to call the model (curl and a Python handle snippet,
-both of which work as printed), and stop cleanly on Ctrl-C."""
+"""`tenfold serve` and `./dev serve`: serve one model or several, print how to call each (curl and a Python handle
+snippet, which work as printed), and stop cleanly on Ctrl-C."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from support import ROOT, free_port, run_python, stop_with_ctrl_c, subprocess_env
+from support import ROOT, free_port, run_python, stop_with_ctrl_c, subprocess_env, wait_for
 
 pytestmark = pytest.mark.ray
 
@@ -79,6 +79,36 @@ def test_tenfold_serve_serves_an_archive_prints_how_to_call_it_and_stops_on_ctrl
         handle = run_snippet(printed)
         assert handle.returncode == 0, handle.stderr[-3000:]
         assert handle.stdout.strip().startswith("(tensor(") and "tensor([0])" in handle.stdout  # (y, 2 * k)
+
+
+def test_tenfold_serve_of_several_archives_serves_each_at_its_name_and_prints_how_to_call_each(
+        probe_archive: Path, tmp_path: Path) -> None:
+    for name in ("left", "right"):
+        (tmp_path / f"{name}.pt").write_bytes(probe_archive.read_bytes())
+    port, http_port = free_port(), free_port()
+    archives = [str(tmp_path / "left.pt"), str(tmp_path / "right.pt")]
+    options = ["--interpreters", "1", "--port", str(port), "--http-port", str(http_port), "--num-cpus", "1"]
+    command = [sys.executable, "-m", "tenfold", "serve", *archives, *options]
+    with serving(command, tmp_path, tmp_path / "serve.log") as printed:
+        assert "tenfold is serving 'models'" in printed
+        assert "Model 'left'" in printed and "Model 'right'" in printed
+        calls = [curl(printed, i) for i in range(4)]  # each model through the proxy, then on http_port
+        assert [c.url.rsplit(":", 1)[1] for c in calls] == [f"{port}/left", f"{http_port}/left",
+                                                            f"{port}/right", f"{http_port}/right"]
+        assert all(c.status_code == 200 for c in calls), [c.text for c in calls]
+        assert calls[0].content == calls[1].content == calls[2].content  # the same model under two names
+        # Each loaded on its first request (http_port's figures are a snapshot taken a few times a second).
+        wait_for(lambda: set(requests.get(f"http://127.0.0.1:{http_port}/-/stats", timeout=30).json()["models"])
+                 == {"left", "right"}, 10, "both models in the figures")
+        handle = run_snippet(printed)  # the first model's, by multiplexed_model_id
+        assert handle.returncode == 0, handle.stderr[-3000:]
+        assert handle.stdout.strip().startswith("(tensor(")
+    # Refused before anything starts, with what to do.
+    for refused, said in (([*archives, archives[0]], "the same file name"),
+                          ([*archives, "--sha256", "0" * 64], "--sha256 pins one archive")):
+        done = subprocess.run([sys.executable, "-m", "tenfold", "serve", *refused, *options], cwd=tmp_path,
+                              env=subprocess_env(), capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and said in done.stderr, done.stderr[-2000:]
 
 
 def test_dev_serve_with_its_defaults_serves_the_embedder_answering_text(tmp_path: Path) -> None:
