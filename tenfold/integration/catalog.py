@@ -69,10 +69,9 @@ class Catalog:
             raise routes.model_not_found(name, self._entries)
         return entry
 
-    def update(self, name: str, locator: ArchiveLocator, manifest: Any) -> Entry:
-        """Model `name` served from the archive at `locator` from now on (an update): its new entry."""
-        entry = self._entries[name] = Entry(name, self.entry(name).index, locator, manifest)
-        return entry
+    def replaced(self, name: str, locator: ArchiveLocator, manifest: Any) -> Catalog:
+        """This catalog with model `name` served from the archive at `locator` (an update)."""
+        return Catalog({**self._entries, name: Entry(name, self.entry(name).index, locator, manifest)})
 
     def body(self) -> dict[str, Any]:
         """What GET /-/manifest answers: every model's manifest, sha256 and source."""

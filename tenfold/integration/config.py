@@ -348,12 +348,14 @@ class ModelUpdate(BaseModel):
 
 class ModelsUpdate(BaseModel):
     """The `user_config` of an application of several archives: the archive each model it names serves, swapped in
-    place when a `serve deploy` changes it; the models it leaves out keep theirs (see `ModelUpdate`)."""
+    place when a `serve deploy` changes it; the models it leaves out serve their archives of `args` (see
+    `ModelUpdate`)."""
 
     model_config = ConfigDict(extra="forbid")
 
     archives: dict[str, ModelUpdate] = Field(
-        description="For models of the application's `archives`, by name: the archive to serve and its sha256.")
+        description="For models of the application's `archives`, by name: the archive to serve and its sha256. "
+        "A model left out serves its archive of `args`.")
 
     @model_validator(mode="before")
     @classmethod

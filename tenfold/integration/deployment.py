@@ -94,8 +94,9 @@ class TenfoldModel:
             initializer=prepare_interpreter)  # torch imported while this thread gets the archive
         self._deployed: ArchiveLocator | None = None
         if isinstance(archive, Catalog):
+            self._bound = {entry.name: entry for entry in archive}  # as the builder bound them (args' archives)
             if pending := _user_config():  # Serve calls reconfigure with it next: the models it names, checked now
-                self._start_with_updates(archive, ModelsUpdate.model_validate(pending))
+                archive = self._catalog = self._start_with_updates(archive, ModelsUpdate.model_validate(pending))
             self._pool = InterpreterPool(self._args.replica_interpreters, **pool_args)
             self._version: updates.ModelVersion | None = None
             loaded = f"{len(archive)} models, each loaded on its first request"
@@ -176,7 +177,7 @@ class TenfoldModel:
                      pooled - started, time.perf_counter() - pooled)
         return version
 
-    def _start_with_updates(self, models: Catalog, update: ModelsUpdate) -> None:
+    def _start_with_updates(self, models: Catalog, update: ModelsUpdate) -> Catalog:
         """Serve the archives a user_config names for models of `models` (each checked, as an update is; a replica
         that cannot is refused, and Serve reports why). None is loaded yet."""
         for name, model in update.archives.items():
@@ -185,7 +186,8 @@ class TenfoldModel:
             if locator.sha256 != entry.locator.sha256:
                 archive, manifest = updates.check_version(locator, self._args)
                 archive_cache.release(archive)  # mapped again by the model's first request
-                models.update(name, locator, manifest)
+                models = models.replaced(name, locator, manifest)
+        return models
 
     # -- the versions served -------------------------------------------------------------------
 
@@ -313,7 +315,7 @@ class TenfoldModel:
             return
         assert self._catalog is not None
         async with self._model_locks[name]:  # an update of it in progress ends first (on the version it swaps in)
-            if self._dataplane is not None:
+            if self._dataplane is not None and name not in self._held:  # (not loaded again meanwhile)
                 await asyncio.to_thread(self._dataplane.serve, name, self._declared(self._catalog.entry(name)))
             _logger.info("tenfold replica unloads model %r (%s): the least recently used of %d", name,
                          held.version.locator.describe(), (self._args.max_models_per_replica or 0) + 1)
@@ -408,10 +410,11 @@ class TenfoldModel:
         return version
 
     async def _update_models(self, config: dict[str, Any]) -> None:
-        """The user_config of an application of several archives (`ModelsUpdate`): each model it names serves its
-        archive from now on. A model held is loaded again into the running interpreters, one at a time while the
-        others serve, and its calls begun on the old version end on it; a model not held is checked, and loads the
-        new archive on its first request. A model whose update fails its checks keeps its archive."""
+        """The user_config of an application of several archives (`ModelsUpdate`): each model it names serves that
+        archive from now on, and every other model its archive of `args` (as a replica started with this config
+        does). A model held is loaded again into the running interpreters, one at a time while the others serve,
+        and its calls begun on the old version end on it; a model not held is checked, and loads the new archive
+        on its first request. A model whose update fails its checks keeps its archive."""
         assert self._catalog is not None
         async with self._updating:
             try:
@@ -421,18 +424,23 @@ class TenfoldModel:
             except (ValueError, LookupError) as exc:
                 self._refuse("user_config", None, exc)
                 return
-            for name, model in update.archives.items():
+            self._refused = None  # this config's refusals, if any, are said next
+            for name in self._catalog.names:
                 async with self._model_locks[name]:
-                    await self._update_model(name, model)
+                    await self._update_model(name, update.archives.get(name))
 
-    async def _update_model(self, name: str, model: ModelUpdate) -> None:
+    async def _update_model(self, name: str, model: ModelUpdate | None) -> None:
+        """Model `name` serves the archive of `model`, or with None its archive of `args`."""
         assert self._catalog is not None
         entry = self._catalog.entry(name)
-        try:
-            locator = updates.locate(model, workdir=self._workdir, deployed=entry.locator)
-        except ValueError as exc:
-            self._refuse(model.archive, None, exc, name)
-            return
+        if model is None:
+            locator = self._bound[name].locator
+        else:
+            try:
+                locator = updates.locate(model, workdir=self._workdir, deployed=self._bound[name].locator)
+            except ValueError as exc:
+                self._refuse(model.archive, None, exc, name)
+                return
         if locator.sha256 == entry.locator.sha256:
             return  # served already
         t0 = time.perf_counter()
@@ -449,24 +457,23 @@ class TenfoldModel:
         except Exception as exc:  # noqa: BLE001 - refused: the model keeps its archive
             self._refuse(locator.source.describe(), locator.sha256, exc, name)
             return
-        old = entry
-        entry = self._catalog.update(name, locator, manifest)
+        updated = self._catalog.replaced(name, locator, manifest)
+        if self._dataplane is not None:  # first: once Serve's route serves the new archive, http_port does too
+            documents = self._manifest_body(models=updated, updates_done=self._updates + 1), \
+                self._openapi(models=updated)
+            await asyncio.to_thread(self._dataplane.serve, name, self._declared(updated.entry(name), version),
+                                    manifest=codec.json.dumps(documents[0]).encode(),
+                                    openapi=codec.json.dumps(documents[1]).encode())
+        # One step on the event loop: the next request, and /-/manifest, are on the new archive.
+        self._catalog = updated
         self._updates += 1
-        if self._refused is not None and self._refused.get("model") == name:
-            self._refused = None
-        if version is not None and self._held.get(name) is not held:  # unloaded while it loaded
-            self._retire(version)
-            version = None
-        if self._dataplane is not None:  # before the old version retires: no request on the port begins on it then
-            await asyncio.to_thread(self._dataplane.serve, name, self._declared(entry, version),
-                                    manifest=codec.json.dumps(self._manifest_body()).encode(),
-                                    openapi=codec.json.dumps(self._openapi()).encode())
         if version is not None and held is not None:
-            previous, held.version = held.version, version  # one store on the event loop: the next request is on it
+            # Unloaded meanwhile (Serve's unload waits for this update): it drops the new version, as it should.
+            previous, held.version = held.version, version
             self._retire(previous)
         _logger.info("tenfold replica: model %r now serves %s (%s)%s in %.2f s; %s is dropped once its calls end",
                      name, locator.describe(), manifest.name, "" if version is None else ", loaded in place",
-                     time.perf_counter() - t0, old.locator.describe())
+                     time.perf_counter() - t0, entry.locator.describe())
 
     def _refuse(self, archive: str, sha256: str | None, exc: BaseException, model: str | None = None) -> None:
         self._refused = {"archive": archive, "sha256": sha256, "error": f"{type(exc).__name__}: {exc}",
@@ -522,13 +529,18 @@ class TenfoldModel:
         """This replica's figures (calls, errors, busy time, queue depth, utilization), http_port's included."""
         return self._stats_body()
 
-    def _manifest_body(self, version: updates.ModelVersion | None = None) -> dict[str, Any]:
+    def _manifest_body(self, version: updates.ModelVersion | None = None, *, models: Catalog | None = None,
+                       updates_done: int | None = None) -> dict[str, Any]:
+        """GET /-/manifest: of what is served, or of `version` or `models` (being swapped in, with
+        `updates_done`)."""
         replica = {"interpreters": self._pool.size, "backend": self._pool.backend, "pid": os.getpid(),
                    "node_id": ray.get_runtime_context().get_node_id()}
         if self._catalog is not None:
-            return {**self._catalog.body(), **replica,
-                    "max_models_per_replica": self._args.max_models_per_replica or len(self._catalog),
-                    "updates": self._updates, "refused_update": self._refused}
+            models = models if models is not None else self._catalog
+            return {**models.body(), **replica,
+                    "max_models_per_replica": self._args.max_models_per_replica or len(models),
+                    "updates": self._updates if updates_done is None else updates_done,
+                    "refused_update": self._refused}
         v = version or self._version
         assert v is not None
         return {
@@ -579,9 +591,11 @@ class TenfoldModel:
         stats = self._pool.stats()
         return stats if self._dataplane is None else self._dataplane.merge(stats)
 
-    def _openapi(self, version: updates.ModelVersion | None = None) -> dict[str, Any]:
+    def _openapi(self, version: updates.ModelVersion | None = None, *, models: Catalog | None = None
+                 ) -> dict[str, Any]:
         if self._catalog is not None:
-            return self._catalog.openapi(title=self._args.name or catalog.DEFAULT_NAME)
+            models = models if models is not None else self._catalog
+            return models.openapi(title=self._args.name or catalog.DEFAULT_NAME)
         v = version or self._version
         assert v is not None
         return openapi.document(v.manifest, title=self._args.name or v.manifest.name, sha256=v.locator.sha256)

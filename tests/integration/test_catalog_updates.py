@@ -1,12 +1,13 @@
 """Updates without a restart in an application of several archives: a deploy whose config changes only the
 deployment's `user_config` (`{archives: {name: {archive, sha256}}}`) swaps the archive of each model it names
-inside the running replica, on Serve's route, handles and http_port; the models it leaves out keep theirs. A model
+inside the running replica, on Serve's route, handles and http_port; the models it leaves out serve their archives
+of args, as a replica started with that config would. A model
 held is loaded again into the same interpreters, and the requests begun on its old version end on it; a model not
 held is checked at once and loads its new archive on its first request; an update that fails its checks leaves
 the model serving its archive and says why.
 
-Configs are applied as `serve deploy` applies them (the controller's `deploy_apps`). Each test updates models of
-its own, so that they pass in any order.
+Configs are applied as `serve deploy` applies them (the controller's `deploy_apps`). Each test starts from a
+config it waits to see served, so that they pass in any order.
 """
 
 from __future__ import annotations
@@ -101,8 +102,18 @@ def stats(url: str) -> dict[str, Any]:
     return requests.get(f"{url}/-/stats", timeout=30).json()
 
 
+def serving(app: SimpleNamespace, archives: dict[str, Path], **updated: str) -> dict[str, Any]:
+    """Deploy a user_config that gives each model of `updated` the archive named, and wait until the replica
+    serves it: those models their new archives, the others their archives of args. Its manifest then."""
+    app.deploy({"archives": {model: ref(archives[name]) for model, name in updated.items()}})
+    want = {model: sha256(archives[updated.get(model, model)]) for model in ("alpha", "beta", "gamma")}
+    return wait_for(lambda: (m := manifest(app.url)) and {k: v["sha256"] for k, v in m["models"].items()} == want
+                    and m, 60, f"the replica to serve {want}")
+
+
 def test_a_deploy_that_changes_one_models_archive_swaps_it_in_the_running_replica_and_leaves_the_others(
         app: SimpleNamespace, archives: dict[str, Path]) -> None:
+    serving(app, archives)  # every model on its archive of args
     for url in (app.url, app.port_url):
         assert answers(url, "alpha") == "alpha" and answers(url, "beta") == "beta"
     before = manifest(app.url)
@@ -111,9 +122,7 @@ def test_a_deploy_that_changes_one_models_archive_swaps_it_in_the_running_replic
     with ThreadPoolExecutor(2) as pool:
         slow = {url: pool.submit(tag, url, "alpha", "hold:2") for url in (app.url, app.port_url)}
         wait_for(lambda: stats(app.url)["models"]["alpha"]["requests"] == 2, 30, "both slow requests to hold alpha")
-        app.deploy({"archives": {"alpha": ref(archives["alpha2"])}})
-        wait_for(lambda: manifest(app.url)["models"]["alpha"]["sha256"] == sha256(archives["alpha2"]), 60,
-                 "the update to be served")
+        serving(app, archives, alpha="alpha2")
         # New requests go to the new version at once, on every route; those begun before end on the old one.
         assert answers(app.url, "alpha") == "alpha-2"
         wait_for(lambda: answers(app.port_url, "alpha") == "alpha-2", 10, "http_port to serve the new version")
@@ -134,13 +143,19 @@ def test_a_deploy_that_changes_one_models_archive_swaps_it_in_the_running_replic
     wait_for(lambda: not mapped(after["pid"], archives["alpha"]), 30, "alpha's old archive to be unmapped")
     assert mapped(after["pid"], archives["alpha2"]) and mapped(after["pid"], archives["beta"])
 
+    # The user_config is the whole truth, as for a replica that starts with it: a model it leaves out goes back
+    # to its archive of args, in place.
+    reverted = serving(app, archives)
+    assert reverted["pid"] == after["pid"] and reverted["updates"] == after["updates"] + 1
+    assert answers(app.url, "alpha") == "alpha"
+    wait_for(lambda: answers(app.port_url, "alpha") == "alpha", 10, "http_port to serve alpha's archive of args")
+    wait_for(lambda: not mapped(after["pid"], archives["alpha2"]), 30, "alpha2 to be unmapped")
+
 
 def test_a_model_not_loaded_is_checked_at_once_and_loads_its_new_archive_on_first_use(
         app: SimpleNamespace, archives: dict[str, Path]) -> None:
     assert "gamma" not in stats(app.url)["models"]  # no other test asks for gamma
-    app.deploy({"archives": {"gamma": ref(archives["gamma2"])}})
-    wait_for(lambda: manifest(app.url)["models"]["gamma"]["sha256"] == sha256(archives["gamma2"]), 60,
-             "the update to be served")
+    serving(app, archives, gamma="gamma2")
     assert "gamma" not in stats(app.url)["models"]  # checked, not loaded
     document = requests.get(f"{app.port_url}/gamma/-/openapi.json", timeout=30).json()
     assert document["info"]["version"] == sha256(archives["gamma2"])[:12], document["info"]
@@ -152,10 +167,10 @@ def test_a_model_not_loaded_is_checked_at_once_and_loads_its_new_archive_on_firs
 
 def test_an_update_that_fails_its_checks_leaves_the_model_serving_and_says_why(
         app: SimpleNamespace, archives: dict[str, Path]) -> None:
+    before = serving(app, archives)
     assert answers(app.url, "beta") == "beta"
-    before = manifest(app.url)
     wrong_pin = {"archive": str(archives["alpha2"]), "sha256": "0" * 64}
-    for user_config, said, serving in (
+    for user_config, said, keeps in (
             ({"archives": {"beta": wrong_pin}}, "but user_config pins " + "0" * 64,
              f"model 'beta' goes on serving {archives['beta']}"),
             ({"archives": {"delta": ref(archives["alpha2"])}}, "no model 'delta' here", "every model keeps its"),
@@ -167,7 +182,10 @@ def test_an_update_that_fails_its_checks_leaves_the_model_serving_and_says_why(
         assert got["models"]["beta"]["sha256"] == before["models"]["beta"]["sha256"]
         assert answers(app.url, "beta") == "beta" and answers(app.port_url, "beta") == "beta"
         warnings = stats(app.url)["warnings"]
-        assert any("was refused" in w and said in w and serving in w for w in warnings), warnings
+        assert any("was refused" in w and said in w and keeps in w for w in warnings), warnings
+    # The next config that can be served clears the refusal.
+    serving(app, archives)
+    wait_for(lambda: manifest(app.url)["refused_update"] is None, 30, "the refusal to be cleared")
 
 
 def test_a_replica_started_with_a_user_config_serves_its_models_archives_from_the_start(
