@@ -191,7 +191,7 @@ def test_the_guide_commands_that_start_their_own_ray_parse(in_workdir: Path) -> 
             params = _parsed(argv)
             seen.append(argv[:2])
             if argv[:2] == ["tenfold", "serve"]:
-                assert params["model"] == "classifier.pt" and (in_workdir / params["model"]).is_file()
+                assert params["models"] == ["classifier.pt"] and (in_workdir / "classifier.pt").is_file()
             if argv[:2] in (["serve", "run"], ["serve", "deploy"]):
                 assert params["config_or_import_path"] == "classifier.yaml"
             if argv[:2] == ["ray", "start"]:
