@@ -520,16 +520,17 @@ def _serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     from tenfold.integration import DeployError, app_builder
+    from tenfold.integration.catalog import DEFAULT_NAME
     from tenfold.integration.codec import example_request
     from tenfold.packaging import read_manifest
 
-    models = {}
+    several = len(archives) > 1
+    models = {}  # by the name each is served at ("" for one, served at /)
     for model, archive in archives.items():
         request_file = archive.resolve().with_suffix(".request.json")
         request_file.write_text(json.dumps(example_request(archive)))
-        models[model] = (request_file, read_manifest(archive).signature())
-    several = len(archives) > 1
-    name = args.name or ("models" if several else next(iter(archives)))
+        models[model if several else ""] = (request_file, read_manifest(archive).signature())
+    name = args.name or (DEFAULT_NAME if several else next(iter(archives)))
     which = {"archives": {m: str(a) for m, a in archives.items()}} if several else \
         {"archive": str(next(iter(archives.values()))), "sha256": args.sha256}
     ray.init(num_cpus=max(os.cpu_count() or 1, args.interpreters * args.replicas), include_dashboard=False)
@@ -552,7 +553,7 @@ def _serve(args: argparse.Namespace) -> int:
             return 1
         serve.run(app, name=name, route_prefix="/")
         address = ray.get_runtime_context().gcs_address
-        print(_usage(name, args, models if several else {"": models[next(iter(models))]}, address), flush=True)
+        print(_usage(name, args, models, address), flush=True)
         while True:
             signal.pause()
     except KeyboardInterrupt:

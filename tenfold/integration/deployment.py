@@ -127,8 +127,7 @@ class TenfoldModel:
                 several = self._catalog is not None
                 self._dataplane = DataPlane(
                     self._pool, self._served_models(), self._args, owner=serve.get_replica_context().app_name,
-                    manifest=codec.json.dumps(self._manifest_body()).encode(),
-                    openapi=codec.json.dumps(self._openapi()).encode(), stats=self._stats_body,
+                    **self._documents(), stats=self._stats_body,
                     metrics=self._metrics, window_s=window, wanted=self._port_wants if several else None,
                     used=self._port_used if several else None,
                 )
@@ -184,9 +183,8 @@ class TenfoldModel:
             entry = models.entry(name)
             locator = updates.locate(model, workdir=self._workdir, deployed=entry.locator)
             if locator.sha256 != entry.locator.sha256:
-                archive, manifest = updates.check_version(locator, self._args)
-                archive_cache.release(archive)  # mapped again by the model's first request
-                models = models.replaced(name, locator, manifest)
+                # Mapped again by the model's first request.
+                models = models.replaced(name, locator, updates.check_version(locator, self._args))
         return models
 
     # -- the versions served -------------------------------------------------------------------
@@ -401,9 +399,7 @@ class TenfoldModel:
         version = updates.load_version(self._pool, locator, self._args, rolling=True)
         if self._dataplane is not None:
             try:
-                self._dataplane.serve("", self._served(version),
-                                      manifest=codec.json.dumps(self._manifest_body(version)).encode(),
-                                      openapi=codec.json.dumps(self._openapi(version)).encode())
+                self._dataplane.serve("", self._served(version), **self._documents(version))
             except BaseException:
                 updates.drop(version)
                 raise
@@ -448,8 +444,8 @@ class TenfoldModel:
         version: updates.ModelVersion | None = None
         try:
             if held is None:
-                archive, manifest = await asyncio.to_thread(updates.check_version, locator, self._args)
-                archive_cache.release(archive)  # mapped again by the model's first request
+                # Mapped again by the model's first request.
+                manifest = await asyncio.to_thread(updates.check_version, locator, self._args)
             else:
                 version = await asyncio.to_thread(updates.load_version, self._pool, locator, self._args,
                                                   rolling=True)
@@ -459,11 +455,8 @@ class TenfoldModel:
             return
         updated = self._catalog.replaced(name, locator, manifest)
         if self._dataplane is not None:  # first: once Serve's route serves the new archive, http_port does too
-            documents = self._manifest_body(models=updated, updates_done=self._updates + 1), \
-                self._openapi(models=updated)
             await asyncio.to_thread(self._dataplane.serve, name, self._declared(updated.entry(name), version),
-                                    manifest=codec.json.dumps(documents[0]).encode(),
-                                    openapi=codec.json.dumps(documents[1]).encode())
+                                    **self._documents(models=updated))
         # One step on the event loop: the next request, and /-/manifest, are on the new archive.
         self._catalog = updated
         self._updates += 1
@@ -529,17 +522,23 @@ class TenfoldModel:
         """This replica's figures (calls, errors, busy time, queue depth, utilization), http_port's included."""
         return self._stats_body()
 
-    def _manifest_body(self, version: updates.ModelVersion | None = None, *, models: Catalog | None = None,
-                       updates_done: int | None = None) -> dict[str, Any]:
-        """GET /-/manifest: of what is served, or of `version` or `models` (being swapped in, with
-        `updates_done`)."""
+    def _documents(self, version: updates.ModelVersion | None = None, *, models: Catalog | None = None
+                   ) -> dict[str, bytes]:
+        """The bodies of GET /-/manifest and /-/openapi.json as http_port serves them: of what is served, or of
+        `version` or `models` (being swapped in)."""
+        return {"manifest": codec.json.dumps(self._manifest_body(version, models=models)).encode(),
+                "openapi": codec.json.dumps(self._openapi(version, models=models)).encode()}
+
+    def _manifest_body(self, version: updates.ModelVersion | None = None, *, models: Catalog | None = None
+                       ) -> dict[str, Any]:
+        """GET /-/manifest: of what is served, or of `version` or `models` (being swapped in: an update more)."""
         replica = {"interpreters": self._pool.size, "backend": self._pool.backend, "pid": os.getpid(),
                    "node_id": ray.get_runtime_context().get_node_id()}
         if self._catalog is not None:
-            models = models if models is not None else self._catalog
-            return {**models.body(), **replica,
-                    "max_models_per_replica": self._args.max_models_per_replica or len(models),
-                    "updates": self._updates if updates_done is None else updates_done,
+            described = models if models is not None else self._catalog
+            return {**described.body(), **replica,
+                    "max_models_per_replica": self._args.max_models_per_replica or len(described),
+                    "updates": self._updates + (models is not None),
                     "refused_update": self._refused}
         v = version or self._version
         assert v is not None
@@ -558,9 +557,7 @@ class TenfoldModel:
     def _stats_body(self) -> dict[str, Any]:
         body = {**self._pool_stats().as_dict(), "pid": os.getpid()}
         if self._catalog is not None:
-            body["models"] = {name: {"sha256": v.locator.sha256, "archive_from": v.archive.origin, "loaded_at": v.since,
-                                     "used_at": self._last_used(name), "requests": self._holding(name, v)}
-                              for name, v in ((n, h.version) for n, h in list(self._held.items()))}
+            body["models"] = {name: self._model_stats(name, held.version) for name, held in list(self._held.items())}
         if self._dataplane is not None:
             connections = self._dataplane.connections()
             body["http_port"] = {"port": self._dataplane.port, "connections_open": connections["open"],
@@ -574,6 +571,10 @@ class TenfoldModel:
         if warnings:
             body["warnings"] = warnings
         return body
+
+    def _model_stats(self, name: str, v: updates.ModelVersion) -> dict[str, Any]:
+        return {"sha256": v.locator.sha256, "archive_from": v.archive.origin, "loaded_at": v.since,
+                "used_at": self._last_used(name), "requests": self._holding(name, v)}
 
     def _refused_message(self) -> str | None:
         if self._refused is None:

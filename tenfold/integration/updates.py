@@ -78,12 +78,11 @@ def load_version(pool: Any, locator: ArchiveLocator, args: AppArgs, *, rolling: 
     """Resolve (unless `resolved` is given), check and replicate the archive at `locator` into `pool`: the checks
     of a deploy (its digest, its files' digests, its requirements, the batching `args` ask for), then the load,
     one interpreter at a time if `rolling`. Raises what failed, naming the archive; nothing is kept then."""
-    from tenfold.packaging import Archive, replicate
+    from tenfold.packaging import replicate
 
     archive = resolved if resolved is not None else resolve(locator)
     try:
-        manifest = Archive(archive.buffer, locator.source.describe()).verify()
-        check_model(args, manifest)
+        _check(archive, locator, args)
         model = replicate(pool, archive.buffer, rolling=rolling)
     except BaseException:
         archive_cache.release(archive)
@@ -91,19 +90,22 @@ def load_version(pool: Any, locator: ArchiveLocator, args: AppArgs, *, rolling: 
     return serve_version(locator, archive, model)
 
 
-def check_version(locator: ArchiveLocator, args: AppArgs) -> tuple[Resolved, Any]:
-    """Resolve the archive at `locator` and check it as `load_version` does, loading nothing: it and its manifest.
-    Raises what failed, naming the archive; nothing is kept then."""
-    from tenfold.packaging import Archive
-
+def check_version(locator: ArchiveLocator, args: AppArgs) -> Any:
+    """The manifest of the archive at `locator`, checked as `load_version` checks it, loading nothing (the
+    archive is released again). Raises what failed, naming the archive."""
     archive = resolve(locator)
     try:
-        manifest = Archive(archive.buffer, locator.source.describe()).verify()
-        check_model(args, manifest)
-    except BaseException:
+        return _check(archive, locator, args)
+    finally:
         archive_cache.release(archive)
-        raise
-    return archive, manifest
+
+
+def _check(archive: Resolved, locator: ArchiveLocator, args: AppArgs) -> Any:
+    from tenfold.packaging import Archive
+
+    manifest = Archive(archive.buffer, locator.source.describe()).verify()
+    check_model(args, manifest)
+    return manifest
 
 
 def resolve(locator: ArchiveLocator) -> Resolved:
