@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import platform
 import signal
@@ -69,6 +70,29 @@ def wait_for(predicate: Callable[[], T], timeout_s: float, what: str, interval_s
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
         time.sleep(interval_s)
+
+
+def serve_message(app: str, deployment: str, containing: str, timeout_s: float = 120) -> str:
+    """Serve's status message for `deployment` of application `app`, once it contains `containing` (a replica
+    that could not start, say why)."""
+    from ray import serve
+
+    def message() -> str | None:
+        status = serve.status().applications.get(app)
+        found = status.deployments.get(deployment) if status is not None else None
+        return found.message if found is not None and containing in found.message else None
+
+    return wait_for(message, timeout_s, f"Serve to say {containing!r} of {app}/{deployment}")
+
+
+def file_sha256(path: Path) -> str:
+    """The hex sha256 of the file at `path`, computed here rather than by the code under test."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def mapped(pid: int, path: Path) -> bool:
+    """Whether process `pid` maps the file at `path` (a model's weights are views into its archive's mapping)."""
+    return str(path) in Path(f"/proc/{pid}/maps").read_text()
 
 
 _SYSCALLS = {"x86_64": {"read": 0, "futex": 202}, "aarch64": {"read": 63, "futex": 98}}

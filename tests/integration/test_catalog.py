@@ -9,7 +9,6 @@ the `{name: path}` and `{name: {archive, sha256}}` forms of a YAML's args.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
 from collections.abc import Iterator
@@ -20,21 +19,13 @@ from typing import Any
 
 import pytest
 import requests
-from support import free_port, running_replicas, wait_for
+from support import file_sha256, free_port, mapped, running_replicas, wait_for
 from testmodels import catalog_models
 
 pytestmark = pytest.mark.ray
 
 APP = "catalog"
 NAMES = ("alpha", "beta", "gamma")
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def mapped(pid: int, path: Path) -> bool:
-    return str(path) in Path(f"/proc/{pid}/maps").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +55,8 @@ def app(serve_session, archives: dict[str, Path]) -> Iterator[SimpleNamespace]: 
     port = free_port()
     args = {
         "archives": {"alpha": str(archives["alpha"]),  # a local file needs no pin
-                     "beta": {"archive": str(archives["beta"]), "sha256": sha256(archives["beta"])},
-                     "gamma": {"archive": str(archives["gamma"]), "sha256": sha256(archives["gamma"])},
+                     "beta": {"archive": str(archives["beta"]), "sha256": file_sha256(archives["beta"])},
+                     "gamma": {"archive": str(archives["gamma"]), "sha256": file_sha256(archives["gamma"])},
                      "doomed": str(archives["doomed"])},
         "max_models_per_replica": 2, "max_batch_size": 8, "batch_wait_timeout_s": 0.05, "interpreters": 2,
         "num_cpus": 0.5, "http_port": port, "http_host": "127.0.0.1",
@@ -160,7 +151,7 @@ def test_models_load_on_first_use_and_past_the_bound_the_least_recently_used_is_
     assert held(app) == {"gamma", "beta"} and stats(app)["pid"] == pid
     manifest = requests.get(f"{app.url}/-/manifest", timeout=30).json()
     assert manifest["max_models_per_replica"] == 2 and set(manifest["models"]) == {*NAMES, "doomed"}
-    assert manifest["models"]["beta"]["sha256"] == sha256(app.archives["beta"])
+    assert manifest["models"]["beta"]["sha256"] == file_sha256(app.archives["beta"])
 
 
 @pytest.mark.parametrize("route", ["serve", "http_port"])
@@ -245,8 +236,8 @@ def test_the_openapi_document_gives_every_models_routes_and_validation_agrees_wi
         body = doc["paths"]["/beta"]["post"]["requestBody"]["content"]["application/json"]["schema"]
         assert body["properties"]["inputs"]["oneOf"][0]["prefixItems"][0]["items"] == {"type": "string"}
         own = requests.get(f"{url}/beta/-/openapi.json", timeout=30).json()
-        assert set(own["paths"]) >= {"/"} and own["info"]["version"] == sha256(app.archives["beta"])[:12]
-        assert requests.get(f"{url}/beta/-/manifest", timeout=30).json()["sha256"] == sha256(app.archives["beta"])
+        assert set(own["paths"]) >= {"/"} and own["info"]["version"] == file_sha256(app.archives["beta"])[:12]
+        assert requests.get(f"{url}/beta/-/manifest", timeout=30).json()["sha256"] == file_sha256(app.archives["beta"])
         # What the document refuses (a number where a string goes) is a 422; what it takes is a 200.
         assert requests.post(f"{url}/beta", json={"inputs": [[0]]}, timeout=30).status_code == 422
         assert requests.post(f"{url}/beta", json={"inputs": {"texts": ["0"]}}, timeout=30).status_code == 200

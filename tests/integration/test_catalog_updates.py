@@ -12,7 +12,6 @@ config it waits to see served, so that they pass in any order.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,20 +20,12 @@ from typing import Any
 
 import pytest
 import requests
-from support import free_port, wait_for
+from support import file_sha256, free_port, mapped, serve_message, wait_for
 from testmodels import catalog_models
 
 pytestmark = pytest.mark.ray
 
 APP, NAME = "catalog-updates", "several"
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def mapped(pid: int, path: Path) -> bool:
-    return str(path) in Path(f"/proc/{pid}/maps").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +41,7 @@ def archives(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def ref(path: Path) -> dict[str, str]:
-    return {"archive": str(path), "sha256": sha256(path)}
+    return {"archive": str(path), "sha256": file_sha256(path)}
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +97,7 @@ def serving(app: SimpleNamespace, archives: dict[str, Path], **updated: str) -> 
     """Deploy a user_config that gives each model of `updated` the archive named, and wait until the replica
     serves it: those models their new archives, the others their archives of args. Its manifest then."""
     app.deploy({"archives": {model: ref(archives[name]) for model, name in updated.items()}})
-    want = {model: sha256(archives[updated.get(model, model)]) for model in ("alpha", "beta", "gamma")}
+    want = {model: file_sha256(archives[updated.get(model, model)]) for model in ("alpha", "beta", "gamma")}
     return wait_for(lambda: (m := manifest(app.url)) and {k: v["sha256"] for k, v in m["models"].items()} == want
                     and m, 60, f"the replica to serve {want}")
 
@@ -134,7 +125,7 @@ def test_a_deploy_that_changes_one_models_archive_swaps_it_in_the_running_replic
     assert after["pid"] == before["pid"] and after["updates"] == before["updates"] + 1, after
     assert after["models"]["alpha"]["source"] == str(archives["alpha2"])
     assert requests.get(f"{app.port_url}/-/manifest", timeout=30).json()["models"]["alpha"]["sha256"] == \
-        sha256(archives["alpha2"])
+        file_sha256(archives["alpha2"])
     assert requests.get(f"{app.url}/alpha/-/manifest", timeout=30).json()["manifest"]["name"] == "alpha2"
     # beta was left out of the user_config: the same version, loaded once.
     assert answers(app.url, "beta") == "beta" and answers(app.port_url, "beta") == "beta"
@@ -158,7 +149,7 @@ def test_a_model_not_loaded_is_checked_at_once_and_loads_its_new_archive_on_firs
     serving(app, archives, gamma="gamma2")
     assert "gamma" not in stats(app.url)["models"]  # checked, not loaded
     document = requests.get(f"{app.port_url}/gamma/-/openapi.json", timeout=30).json()
-    assert document["info"]["version"] == sha256(archives["gamma2"])[:12], document["info"]
+    assert document["info"]["version"] == file_sha256(archives["gamma2"])[:12], document["info"]
     assert document["info"]["description"].startswith("gamma2 "), document["info"]
     assert answers(app.port_url, "gamma") == "gamma-2" and answers(app.url, "gamma") == "gamma-2"
     pid = manifest(app.url)["pid"]
@@ -203,7 +194,7 @@ def test_a_replica_started_with_a_user_config_serves_its_models_archives_from_th
         url = f"{serve_session.url}/{name}"
         wait_for(lambda: requests.get(f"{url}/-/manifest", timeout=30).status_code == 200, 120, "the replica")
         got = manifest(url)
-        assert got["models"]["alpha"]["sha256"] == sha256(archives["alpha2"]) and got["updates"] == 0, got
+        assert got["models"]["alpha"]["sha256"] == file_sha256(archives["alpha2"]) and got["updates"] == 0, got
         assert answers(url, "alpha") == "alpha-2" and answers(url, "beta") == "beta"
         assert not mapped(got["pid"], archives["alpha"])
     finally:
@@ -224,9 +215,7 @@ def test_a_replica_that_starts_with_a_user_config_it_cannot_serve_fails_and_serv
             "alpha": {"archive": str(archives["alpha2"]), "sha256": "2" * 64}}}}]}
     app.apply()
     try:
-        message = wait_for(lambda: (d := serve.status().applications.get(name)) and "refused" in d.deployments and
-                           (m := d.deployments["refused"].message) and "PinMismatch" in m and m, 120,
-                           "Serve to report the replica that could not start")
+        message = serve_message(name, "refused", "PinMismatch")
         assert str(archives["alpha2"]) in message and "but user_config pins " + "2" * 64 in message, message
     finally:
         del app.applications[name]

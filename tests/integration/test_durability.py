@@ -17,7 +17,16 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import requests
-from support import TEST_AWS_ENV, plasma_usage, running_replicas, s3_server, serve_directory, subprocess_env, wait_for
+from support import (
+    TEST_AWS_ENV,
+    plasma_usage,
+    running_replicas,
+    s3_server,
+    serve_directory,
+    serve_message,
+    subprocess_env,
+    wait_for,
+)
 from testmodels import reliability_models as models
 
 import tenfold.packaging as tp
@@ -186,9 +195,7 @@ def test_an_archive_packaged_again_at_its_path_is_reported_and_never_served_unpi
         # A replica started now (here: in place of a killed one) refuses the file, naming both digests and the
         # way to roll it out; the other replica keeps serving meanwhile.
         os.kill(sorted(pids)[0], signal.SIGKILL)
-        message = wait_for(lambda: (m := serve.status().applications["repackaged"].deployments["repackaged"].message)
-                           and "changed since the application was deployed" in m and m, 120,
-                           "Serve to report the replica that refused the changed file")
+        message = serve_message("repackaged", "repackaged", "changed since the application was deployed")
         assert f"sha256 {old_sha}" in message and f"sha256 {new_sha}" in message and str(path) in message, message
         assert f"sha256: {new_sha}" in message, message  # what to put in the args
         for _ in range(5):

@@ -9,7 +9,6 @@ calls), onto the session's Ray; `tests/integration/test_real_cluster.py` does it
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import threading
 import time
@@ -20,7 +19,7 @@ from typing import Any
 
 import pytest
 import requests
-from support import free_port, wait_for
+from support import file_sha256, free_port, mapped, serve_message, wait_for
 from testmodels import version_models
 from testmodels.reliability_models import started
 
@@ -28,10 +27,6 @@ pytestmark = pytest.mark.ray
 
 APP, NAME = "updates", "versioned"
 _tokens = itertools.count(int(time.time() * 1000) % 2**22 + 1)
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -94,11 +89,6 @@ def manifest(url: str) -> dict[str, Any]:
     return requests.get(f"{url}/-/manifest", timeout=30).json()
 
 
-def mapped(pid: int, path: Path) -> bool:
-    """Whether process `pid` maps `path` (its weights are views into the mapping)."""
-    return str(path) in Path(f"/proc/{pid}/maps").read_text()
-
-
 class Load:
     """Requests sent one after another on each route while an update happens: each route's versions, in order,
     and every failure."""
@@ -135,19 +125,19 @@ class Load:
 
 
 def update_to(app: SimpleNamespace, archive: Path) -> None:
-    app.deploy({"archive": str(archive), "sha256": sha256(archive)})
+    app.deploy({"archive": str(archive), "sha256": file_sha256(archive)})
 
 
 def test_a_deploy_that_changes_only_user_config_swaps_the_model_in_the_running_replica(
         app: SimpleNamespace, archives: dict[str, Path]) -> None:
     before = manifest(app.url)
-    old_version = 1 if before["sha256"] == sha256(archives["v1"]) else 2  # tests of this module run in any order
+    old_version = 1 if before["sha256"] == file_sha256(archives["v1"]) else 2  # tests of this module run in any order
     old, new = archives[f"v{old_version}"], archives[f"v{3 - old_version}"]
     calls_before = requests.get(f"{app.url}/-/stats", timeout=30).json()["calls"]
     with Load(app) as load:
         wait_for(lambda: all(load.versions.values()), 60, "both routes to answer")
         update_to(app, new)
-        wait_for(lambda: manifest(app.url)["sha256"] == sha256(new), 60, "the update to be served")
+        wait_for(lambda: manifest(app.url)["sha256"] == file_sha256(new), 60, "the update to be served")
         wait_for(lambda: all(v and v[-1] != old_version for v in load.versions.values()), 30,
                  "both routes to answer with the new version")
         time.sleep(0.5)  # a little load on the new version alone
@@ -165,7 +155,7 @@ def test_a_deploy_that_changes_only_user_config_swaps_the_model_in_the_running_r
     assert after["source"] == str(new) and after["manifest"]["name"] == "versioned"
     stats = requests.get(f"{app.url}/-/stats", timeout=30).json()
     assert stats["calls"] > calls_before and all(i["replaced"] == 0 for i in stats["interpreters"])
-    assert requests.get(f"{app.port_url}/-/manifest", timeout=30).json()["sha256"] == sha256(new)
+    assert requests.get(f"{app.port_url}/-/manifest", timeout=30).json()["sha256"] == file_sha256(new)
     assert app.handle().remote(0.0, 0).result(timeout_s=60)["version"] == 3 - old_version
     # The old version's archive is unmapped once its calls have ended: its weights' memory went with it.
     wait_for(lambda: not mapped(after["pid"], old), 30, "the old archive to be unmapped")
@@ -175,7 +165,7 @@ def test_a_deploy_that_changes_only_user_config_swaps_the_model_in_the_running_r
 def test_calls_begun_on_the_old_version_end_on_it_and_new_calls_go_to_the_new_one(
         app: SimpleNamespace, archives: dict[str, Path]) -> None:
     current = manifest(app.url)["sha256"]
-    old_version = 1 if current == sha256(archives["v1"]) else 2
+    old_version = 1 if current == file_sha256(archives["v1"]) else 2
     new = archives["v2"] if old_version == 1 else archives["v1"]
     results: dict[str, dict] = {}
     tokens = {route: next(_tokens) for route in ("serve", "http_port")}
@@ -186,7 +176,7 @@ def test_calls_begun_on_the_old_version_end_on_it_and_new_calls_go_to_the_new_on
         t.start()
     wait_for(lambda: all(started(t) for t in tokens.values()), 30, "both slow calls to start")
     update_to(app, new)
-    wait_for(lambda: manifest(app.url)["sha256"] == sha256(new), 60, "the update to be served")
+    wait_for(lambda: manifest(app.url)["sha256"] == file_sha256(new), 60, "the update to be served")
     assert answer(app.url)["version"] == 3 - old_version
     assert answer(app.port_url)["version"] == 3 - old_version
     for t in threads:
@@ -199,7 +189,7 @@ def test_an_update_that_fails_its_checks_leaves_the_old_version_serving_and_says
     before = manifest(app.url)
     serving = answer(app.url)["version"]
     wrong_pin = {"archive": str(archives["v2"]), "sha256": "0" * 64}
-    corrupt = {"archive": str(archives["corrupt"]), "sha256": sha256(archives["corrupt"])}
+    corrupt = {"archive": str(archives["corrupt"]), "sha256": file_sha256(archives["corrupt"])}
     missing = {"archive": str(archives["v2"].with_name("missing.pt")), "sha256": "1" * 64}
     for user_config, said in ((wrong_pin, "but user_config pins " + "0" * 64), (corrupt, "corrupt.pt"),
                               (missing, "missing.pt")):
@@ -214,7 +204,7 @@ def test_an_update_that_fails_its_checks_leaves_the_old_version_serving_and_says
     # A good update after refused ones is served, and clears the refusal.
     good = archives["v2"] if serving == 1 else archives["v1"]
     update_to(app, good)
-    wait_for(lambda: manifest(app.url)["sha256"] == sha256(good), 60, "the good update to be served")
+    wait_for(lambda: manifest(app.url)["sha256"] == file_sha256(good), 60, "the good update to be served")
     assert manifest(app.url)["refused_update"] is None and answer(app.url)["version"] == 3 - serving
 
 
@@ -227,13 +217,13 @@ def test_a_replica_started_with_a_user_config_serves_its_archive_from_the_start(
         "name": name, "route_prefix": f"/{name}", "import_path": "tenfold.integration:app_builder",
         "args": {"archive": str(archives["v1"]), "name": "fresh", "interpreters": 1, "num_cpus": 0.5},
         "deployments": [{"name": "fresh", "user_config": {"archive": str(archives["v2"]),
-                                                          "sha256": sha256(archives["v2"])}}]}
+                                                          "sha256": file_sha256(archives["v2"])}}]}
     app.apply()
     try:
         url = f"{serve_session.url}/{name}"
         wait_for(lambda: requests.get(f"{url}/-/manifest", timeout=30).status_code == 200, 120, "the replica")
         got = manifest(url)
-        assert got["sha256"] == sha256(archives["v2"]) and got["updates"] == 0, got  # loaded once, not swapped
+        assert got["sha256"] == file_sha256(archives["v2"]) and got["updates"] == 0, got  # loaded once, not swapped
         assert answer(url)["version"] == 2
         assert not mapped(got["pid"], archives["v1"])
     finally:
@@ -252,9 +242,7 @@ def test_a_replica_that_starts_with_a_user_config_it_cannot_serve_fails_and_serv
         "deployments": [{"name": "refused", "user_config": {"archive": str(archives["v2"]), "sha256": "2" * 64}}]}
     app.apply()
     try:
-        message = wait_for(lambda: (d := serve.status().applications.get(name)) and "refused" in d.deployments and
-                           (m := d.deployments["refused"].message) and "PinMismatch" in m and m, 120,
-                           "Serve to report the replica that could not start")
+        message = serve_message(name, "refused", "PinMismatch")
         assert str(archives["v2"]) in message and "but user_config pins " + "2" * 64 in message, message
     finally:
         del app.applications[name]
@@ -292,7 +280,7 @@ def test_an_old_version_is_dropped_only_once_its_last_stream_is_closed(tmp_path:
 
     path = tmp_path / "ticks.pt"
     save(stream_models.ticks, path, example_inputs=stream_models.EXAMPLE, name="ticks")
-    locator = ArchiveLocator(ArchiveSource.parse(str(path)), sha256(path), path.stat().st_size)
+    locator = ArchiveLocator(ArchiveSource.parse(str(path)), file_sha256(path), path.stat().st_size)
     dropped = threading.Event()
     with InterpreterPool(1, threads_per_interpreter=1) as pool:
         resolved = archive_cache.Resolved(open_source(str(path))[0], "file")
